@@ -1,0 +1,99 @@
+"""Shared fixtures: a real S3 API (moto server on loopback), a real local Ray, tiny offline teachers.
+
+Storage tests take the `root_url` fixture, parametrised over local disk and S3, so every storage
+path is exercised on both.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+# Never reach a model hub, and keep torch to the two cores this suite is sized for.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Fake credentials: moto accepts anything, and no test may touch a real account.
+for key, value in {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}.items():
+    os.environ[key] = value
+os.environ.pop("AWS_PROFILE", None)
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """A moto S3 server on 127.0.0.1. Exported as AWS_ENDPOINT_URL, the way users point every
+    S3 client at MinIO, so our code and CLIs are tested reaching it with no extra flag."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    yield endpoint
+    os.environ.pop("AWS_ENDPOINT_URL", None)
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint) -> str:
+    """A fresh bucket per test; returns its s3:// URL."""
+    import s3fs
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, skip_instance_cache=True)
+    fs.mkdir(name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(params=["local", "s3"])
+def root_url(request, tmp_path) -> str:
+    """A dataset root URL, once on local disk and once on the moto S3 server."""
+    if request.param == "local":
+        return str(tmp_path / "pairs")
+    bucket = request.getfixturevalue("s3_bucket")
+    return f"{bucket}/pairs"
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_endpoint):
+    """A real local Ray with 2 CPUs. Started after the S3 endpoint is exported, so its
+    workers inherit AWS_ENDPOINT_URL like a cluster's workers inherit their environment."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sd15_teacher(tmp_path_factory) -> Path:
+    from tiny_teachers import build_sd15
+
+    return build_sd15(tmp_path_factory.mktemp("teachers") / "sd15")
+
+
+@pytest.fixture(scope="session")
+def sdxl_teacher(tmp_path_factory) -> Path:
+    from tiny_teachers import build_sdxl
+
+    return build_sdxl(tmp_path_factory.mktemp("teachers") / "sdxl")
