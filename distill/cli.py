@@ -1,0 +1,48 @@
+"""`distill`: train, export, generate and evaluate one-step students; train latent perceptual losses.
+
+Each subsystem registers its own subcommands (a module with `register(subparsers)`), so this
+file stays a table of contents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (module, description) pairs; a module that is missing is skipped so partial installs still run.
+SUBCOMMAND_MODULES = [
+    "distill.lpips.cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distill",
+        description="Train one-step students from a pair store (Diffusion2GAN `d2g`, ADD `add`, or "
+        "plain `regression`), export them as diffusers pipelines, generate and evaluate; "
+        "train E-LatentLPIPS for new latent spaces.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name and name.startswith(err.name):
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
