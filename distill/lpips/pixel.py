@@ -1,0 +1,133 @@
+"""Pixel LPIPS (VGG16) behind a VAE decode: the expensive baseline E-LatentLPIPS replaces.
+
+Real weights come only from the user's local files: a torchvision-layout VGG16 state dict
+(`features.N.*`) and LPIPS head weights (`linK.model.1.weight`), both read with
+`torch.load(weights_only=True)`. Random weights are allowed only when asked for explicitly
+(`allow_random=True`, for cost benchmarks) and are flagged by `random_weights` and a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoints import CheckpointError, _assign, _torch_load
+from .latent_lpips import LinearHead, unit_normalize
+
+# torchvision vgg16 (no batch norm) features: conv/relu pairs with pools at 4, 9, 16, 23, 30.
+_VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+PIXEL_TAPS = (3, 8, 15, 22, 29)
+PIXEL_TAP_CHANNELS = (64, 128, 256, 512, 512)
+# LPIPS's published input normalisation for [-1, 1] images (ImageNet statistics, rescaled).
+_SHIFT = (-0.030, -0.088, -0.188)
+_SCALE = (0.458, 0.448, 0.450)
+
+
+def build_vgg16_features() -> nn.Sequential:
+    layers: list[nn.Module] = []
+    channels = 3
+    for item in _VGG16_CFG:
+        if item == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(channels, int(item), 3, padding=1), nn.ReLU(inplace=False)]
+            channels = int(item)
+    return nn.Sequential(*layers)
+
+
+class PixelLPIPS(nn.Module):
+    """VGG16 LPIPS on [-1, 1] RGB images; returns the per-sample distance [B]."""
+
+    def __init__(
+        self,
+        vgg_weights: str | os.PathLike | None = None,
+        lpips_weights: str | os.PathLike | None = None,
+        allow_random: bool = False,
+    ) -> None:
+        super().__init__()
+        self.features = build_vgg16_features()
+        self.lins = nn.ModuleList(LinearHead(c) for c in PIXEL_TAP_CHANNELS)
+        self.register_buffer("shift", torch.tensor(_SHIFT).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor(_SCALE).view(1, 3, 1, 1), persistent=False)
+        missing = [name for name, p in (("vgg_weights", vgg_weights), ("lpips_weights", lpips_weights)) if p is None]
+        if missing and not allow_random:
+            raise ValueError(
+                f"pixel LPIPS needs local weight files ({', '.join(missing)} not given); "
+                "pass allow_random=True only for cost benchmarks"
+            )
+        self.random_weights = bool(missing)
+        if missing:
+            warnings.warn(f"PixelLPIPS uses RANDOM weights for {missing}: distances are meaningless", stacklevel=2)
+        if vgg_weights is not None:
+            self._load_vgg(Path(vgg_weights))
+        if lpips_weights is not None:
+            self._load_heads(Path(lpips_weights))
+
+    def _load_vgg(self, path: Path) -> None:
+        obj = _torch_load(path)
+        state = obj.get("state_dict", obj)
+        feats = {k.split("features.", 1)[1]: v for k, v in state.items() if "features." in k}
+        if not feats:
+            raise CheckpointError(f"{path}: no 'features.N.*' keys (expected a torchvision vgg16 state dict)")
+        _assign(self.features, feats, {k: f"features.{k}" for k in self.features.state_dict()}, path)
+
+    def _load_heads(self, path: Path) -> None:
+        state = _torch_load(path)
+        mapped = {}
+        for key, value in state.items():
+            key = key.removeprefix("module.")
+            if key.startswith("lin") and key.endswith("model.1.weight") and key[3].isdigit():
+                mapped[f"{key[3]}.model.1.weight"] = value
+        _assign(self.lins, mapped, {k: f"lin{k[0]}.model.1.weight" for k in self.lins.state_dict()}, path)
+
+    def forward(self, img0: torch.Tensor, img1: torch.Tensor) -> torch.Tensor:
+        x = (torch.cat([img0, img1], dim=0) - self.shift) / self.scale
+        total = img0.new_zeros(img0.shape[0])
+        tap_iter = iter(zip(PIXEL_TAPS, self.lins))
+        tap, head = next(tap_iter)
+        for index, layer in enumerate(self.features):
+            x = layer(x)
+            if index == tap:
+                f0, f1 = unit_normalize(x).chunk(2, dim=0)
+                total = total + head((f0 - f1) ** 2).mean(dim=(1, 2, 3))
+                nxt = next(tap_iter, None)
+                if nxt is None:
+                    break
+                tap, head = nxt
+        return total
+
+
+def load_vae(vae) -> nn.Module:
+    """An AutoencoderKL instance, or a local path to a VAE or a pipeline folder holding `vae/`."""
+    if isinstance(vae, nn.Module):
+        return vae
+    from diffusers import AutoencoderKL
+
+    path = Path(vae)
+    if (path / "vae" / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(path, subfolder="vae")
+    if (path / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(path)
+    raise FileNotFoundError(f"no AutoencoderKL at {path} (looked for config.json and vae/config.json)")
+
+
+class DecodedPixelLPIPS(nn.Module):
+    """Decode diffusion latents with a frozen VAE, then pixel LPIPS: the baseline loss."""
+
+    def __init__(self, vae, pixel_lpips: PixelLPIPS) -> None:
+        super().__init__()
+        self.vae = load_vae(vae).eval().requires_grad_(False)
+        self.lpips = pixel_lpips.eval().requires_grad_(False)
+        config = self.vae.config
+        self.scaling_factor = float(getattr(config, "scaling_factor", 1.0) or 1.0)
+        self.shift_factor = float(getattr(config, "shift_factor", 0.0) or 0.0)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.scaling_factor + self.shift_factor).sample
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.lpips(self.decode(pred), self.decode(target))
