@@ -1,0 +1,111 @@
+"""Writes that are never seen half-done: exclusive create for commits, write-then-publish for data.
+
+Local disk: write a hidden temp file next to the target, then os.link (exclusive) or os.replace.
+Object stores: an object only becomes visible when its upload completes, and fsspec's "xb" mode
+sends If-None-Match: * so a second creator is refused by the server itself.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+
+import fsspec
+
+from .url import is_local
+
+# Object stores where an upload only becomes visible once complete, so we can stream in place.
+_ATOMIC_UPLOAD = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}
+
+
+def _atomic_upload(fs: fsspec.AbstractFileSystem) -> bool:
+    protos = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return any(p in _ATOMIC_UPLOAD for p in protos)
+
+
+def _tmp_path(path: str) -> str:
+    d, name = posixpath.split(path)
+    # Leading dot: pyarrow.dataset and most listers ignore it, so temp files never look like data.
+    return posixpath.join(d, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Create `path` holding `data`; FileExistsError if it already exists. Never overwrites."""
+    if is_local(fs):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        tmp = _tmp_path(path)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # atomic and fails if `path` exists, unlike rename
+        finally:
+            os.unlink(tmp)
+        return
+    with fs.open(path, "xb") as f:
+        f.write(data)
+
+
+def replace(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Publish `data` at `path` in one step (used for uncommitted shard files only)."""
+    if is_local(fs):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        tmp = _tmp_path(path)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+    up = StreamingUpload(fs, path)
+    up.write(data)
+    up.commit()
+
+
+class StreamingUpload:
+    """A file written in pieces that appears at `path` only on commit(); abort() leaves nothing."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str):
+        self.fs = fs
+        self.path = path
+        self._local = is_local(fs)
+        self._direct = _atomic_upload(fs)
+        if self._local:
+            fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            self._tmp = _tmp_path(path)
+            self._f = open(self._tmp, "wb")
+        elif self._direct:
+            # s3fs uploads parts as its buffer fills (multipart) and completes the object on close.
+            self._f = fs.open(path, "wb")
+        else:
+            # e.g. memory://, which publishes a file as soon as it is opened: write aside, then move.
+            self._tmp = _tmp_path(path)
+            self._f = fs.open(self._tmp, "wb")
+
+    def write(self, data) -> None:
+        self._f.write(data)
+
+    def commit(self) -> None:
+        self._f.close()
+        if self._local:
+            os.replace(self._tmp, self.path)
+        elif not self._direct:
+            self.fs.mv(self._tmp, self.path)
+
+    def abort(self) -> None:
+        if self._local:
+            self._f.close()
+            try:
+                os.unlink(self._tmp)
+            except FileNotFoundError:
+                pass
+            return
+        if not self._direct:
+            self._f.close()
+            try:
+                self.fs.rm(self._tmp)
+            except FileNotFoundError:
+                pass
+            return
+        self._f.discard()  # s3fs: aborts the multipart upload, so the object never appears
+        self._f.closed = True  # keep __del__ from completing the upload we just abandoned

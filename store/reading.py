@@ -1,0 +1,172 @@
+"""Reading samples out of a shard through its index: one byte-range request per run of rows,
+per-member xxh3 checks, and zero-copy decoding of .npy payloads into torch tensors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import xxhash
+
+from . import index as index_mod
+from .errors import CorruptShardError, StoreError
+from .schema import BF16, Schema, parse_npy_header
+
+# Fields that come from the index (or the json member) rather than from an .npy member.
+META_FIELDS = ("prompt", "seed", "json")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name == BF16:
+        return torch.bfloat16
+    return torch.from_numpy(np.empty(0, dtype=np.dtype(name))).dtype
+
+
+@dataclass
+class ShardIndex:
+    name: str
+    keys: list[str]
+    indices: np.ndarray
+    prompts: list[str]
+    seeds: np.ndarray
+    offsets: dict[str, np.ndarray]
+    sizes: dict[str, np.ndarray]
+    hashes: dict[str, list[str]]
+    _by_index: dict | None = field(default=None, repr=False)
+    _by_key: dict | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_bytes(cls, name: str, data: bytes, where: str) -> ShardIndex:
+        meta = index_mod.read_meta(data, where)
+        schema = Schema.from_dict(json.loads(meta["schema"]))
+        t = index_mod.read_table(data, where)
+        try:
+            members = index_mod.members(schema)
+            return cls(
+                name=name,
+                keys=t.column("key").to_pylist(),
+                indices=t.column("index").to_numpy(),
+                prompts=t.column("prompt").to_pylist(),
+                seeds=t.column("seed").to_numpy(),
+                offsets={m: t.column(f"{m}_offset").to_numpy() for m in members},
+                sizes={m: t.column(f"{m}_size").to_numpy() for m in members},
+                hashes={m: t.column(f"{m}_xxh3").to_pylist() for m in members},
+            )
+        except KeyError as exc:
+            raise StoreError(f"{where}: index lacks column {exc}") from exc
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def row_of_index(self, idx: int) -> int | None:
+        if self._by_index is None:
+            self._by_index = {int(v): i for i, v in enumerate(self.indices)}
+        return self._by_index.get(int(idx))
+
+    def row_of_key(self, key: str) -> int | None:
+        if self._by_key is None:
+            self._by_key = {k: i for i, k in enumerate(self.keys)}
+        return self._by_key.get(key)
+
+    def byte_range(self, rows: list[int], members: list[str]) -> tuple[int, int]:
+        lo, hi = min(rows), max(rows)
+        start = min(int(self.offsets[m][lo]) for m in members)
+        end = max(int(self.offsets[m][hi] + self.sizes[m][hi]) for m in members)
+        return start, end
+
+
+def array_members(fields: list[str]) -> list[str]:
+    return [f for f in fields if f not in META_FIELDS]
+
+
+def fetch_range(fs, path: str, url: str, shard: str, start: int, end: int) -> bytearray:
+    """Bytes [start, end) of a shard's tar, as a writable buffer tensors can share."""
+    try:
+        data = fs.cat_file(path, start=start, end=end)
+    except FileNotFoundError:
+        raise CorruptShardError(shard, url, "tar file missing") from None
+    except OSError as exc:
+        raise CorruptShardError(shard, url, f"read failed: {exc}") from exc
+    if len(data) != end - start:
+        raise CorruptShardError(shard, url, f"truncated: wanted bytes {start}-{end}, got {len(data)}")
+    return bytearray(data)
+
+
+class Decoder:
+    """Turns .npy member bytes into tensors; parses each field's header once and then only
+    compares header bytes, which is all a fixed-shape field ever needs."""
+
+    def __init__(self, schema: Schema):
+        self.schema = schema
+        self._headers: dict[str, tuple[bytes, torch.dtype, tuple[int, ...]]] = {}
+
+    def decode(self, fieldname: str, buf: bytearray, off: int, size: int, where: str) -> torch.Tensor:
+        cached = self._headers.get(fieldname)
+        if cached is not None and buf[off : off + len(cached[0])] == cached[0]:
+            hdr, dtype, shape = cached
+            hlen = len(hdr)
+        else:
+            try:
+                hlen, np_dtype, shape = parse_npy_header(memoryview(buf)[off : off + min(size, 4096)])
+            except (StoreError, ValueError) as exc:
+                raise StoreError(f"{where}: bad .npy header ({exc})") from exc
+            spec = self.schema.fields[fieldname]
+            if np_dtype != spec.storage_dtype():
+                raise StoreError(f"{where}: stored dtype {np_dtype} does not match the schema's {spec.dtype}")
+            dtype = torch_dtype(spec.dtype)
+            self._headers[fieldname] = (bytes(buf[off : off + hlen]), dtype, shape)
+        n = size - hlen
+        count = int(np.prod(shape)) if shape else 1
+        if n != count * torch.empty(0, dtype=dtype).element_size():
+            raise StoreError(f"{where}: .npy payload is {n} bytes, expected {list(shape)} x {dtype}")
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype, count=count, offset=off + hlen).view(shape)
+
+
+def decode_rows(
+    buf: bytearray,
+    base: int,
+    sidx: ShardIndex,
+    rows: list[int],
+    fields: list[str],
+    decoder: Decoder,
+    url: str,
+    verify: bool = True,
+) -> list[dict]:
+    """Samples for `rows` from a buffer holding tar bytes [base, base+len(buf))."""
+    arrays = array_members(fields)
+    members = arrays + (["json"] if "json" in fields else [])
+    out = []
+    mv = memoryview(buf)
+    for r in rows:
+        sample: dict = {"index": int(sidx.indices[r]), "key": sidx.keys[r]}
+        for m in members:
+            off = int(sidx.offsets[m][r]) - base
+            size = int(sidx.sizes[m][r])
+            if verify and xxhash.xxh3_64_hexdigest(mv[off : off + size]) != sidx.hashes[m][r]:
+                raise CorruptShardError(sidx.name, url, f"xxh3 mismatch in member {sidx.keys[r]}.{m}")
+            if m == "json":
+                sample["json"] = bytes(mv[off : off + size]).decode()
+            else:
+                try:
+                    sample[m] = decoder.decode(m, buf, off, size, f"shard {sidx.name} ({url}), key {sidx.keys[r]!r}, field {m!r}")
+                except StoreError as exc:
+                    raise CorruptShardError(sidx.name, url, str(exc)) from exc
+        if "prompt" in fields:
+            sample["prompt"] = sidx.prompts[r]
+        if "seed" in fields:
+            sample["seed"] = int(sidx.seeds[r])
+        out.append(sample)
+    return out
+
+
+def read_samples(fs, path: str, url: str, sidx: ShardIndex, rows: list[int], fields: list[str], schema: Schema,
+                 verify: bool = True, decoder: Decoder | None = None) -> list[dict]:
+    members = array_members(fields) + (["json"] if "json" in fields else [])
+    members = members or ["json"]
+    start, end = sidx.byte_range(rows, members)
+    buf = fetch_range(fs, path, url, sidx.name, start, end)
+    return decode_rows(buf, start, sidx, rows, fields, decoder or Decoder(schema), url, verify)

@@ -1,0 +1,133 @@
+"""The per-sample array schema: field name -> (dtype, shape), and .npy encode/decode.
+
+numpy has no bfloat16, so a bfloat16 field is stored as the raw 16-bit words in a '<u2' .npy and
+the schema records dtype "bfloat16"; readers reinterpret the bits (torch.bfloat16), nothing is
+rounded. Every other dtype is stored as itself, little-endian, C order.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import StoreError
+
+BF16 = "bfloat16"
+# Names that would clash with index columns or webdataset's key splitting.
+_FIELD_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+RESERVED_FIELDS = frozenset({"json", "key", "index", "prompt", "seed", "meta", "shard"})
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    dtype: str
+    shape: tuple[int | None, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(None if d is None else int(d) for d in self.shape))
+        if self.dtype != BF16:
+            try:
+                np.dtype(self.dtype)
+            except TypeError as exc:
+                raise StoreError(f"unknown dtype {self.dtype!r} in field spec") from exc
+
+    def storage_dtype(self) -> np.dtype:
+        return np.dtype("<u2") if self.dtype == BF16 else np.dtype(self.dtype).newbyteorder("<")
+
+    def to_dict(self) -> dict:
+        return {"dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FieldSpec:
+        return cls(dtype=str(d["dtype"]), shape=tuple(d["shape"]))
+
+
+@dataclass(frozen=True)
+class Schema:
+    fields: dict[str, FieldSpec]
+
+    def __post_init__(self) -> None:
+        if not self.fields:
+            raise StoreError("a schema needs at least one array field")
+        for name in self.fields:
+            if not _FIELD_RE.match(name) or name in RESERVED_FIELDS:
+                raise StoreError(
+                    f"bad field name {name!r}: use lower-case letters, digits and '_' (no dots), "
+                    f"not one of {sorted(RESERVED_FIELDS)}"
+                )
+
+    def __hash__(self) -> int:  # dict field makes the dataclass unhashable otherwise
+        return hash(tuple((k, v) for k, v in self.fields.items()))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.fields)
+
+    def to_dict(self) -> dict:
+        return {"fields": {k: v.to_dict() for k, v in self.fields.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Schema:
+        return cls({k: FieldSpec.from_dict(v) for k, v in d["fields"].items()})
+
+    @classmethod
+    def from_arrays(cls, arrays: dict) -> Schema:
+        """A schema matching one example sample (numpy arrays or torch tensors)."""
+        return cls({k: FieldSpec(dtype_name(v), tuple(v.shape)) for k, v in arrays.items()})
+
+
+def dtype_name(arr) -> str:
+    """Our dtype name for a numpy array or torch tensor."""
+    if isinstance(arr, np.ndarray):
+        return arr.dtype.name
+    name = str(getattr(arr, "dtype", ""))
+    if name.startswith("torch."):
+        return name[len("torch."):]
+    raise StoreError(f"expected a numpy array or torch tensor, got {type(arr).__name__}")
+
+
+def to_storage_array(arr, spec: FieldSpec, where: str) -> np.ndarray:
+    """Validate `arr` against `spec` and return the exact array whose bytes get stored."""
+    got = dtype_name(arr)
+    if got != spec.dtype:
+        raise StoreError(f"{where}: dtype {got} does not match the schema's {spec.dtype}")
+    shape = tuple(arr.shape)
+    if len(shape) != len(spec.shape) or any(s is not None and s != g for s, g in zip(spec.shape, shape)):
+        raise StoreError(f"{where}: shape {list(shape)} does not match the schema's {list(spec.shape)}")
+    if not isinstance(arr, np.ndarray):
+        import torch
+
+        t = arr.detach().cpu().contiguous()
+        arr = t.view(torch.int16).numpy().view("<u2") if t.dtype == torch.bfloat16 else t.numpy()
+    return np.ascontiguousarray(arr, dtype=spec.storage_dtype())
+
+
+def npy_header(arr: np.ndarray) -> bytes:
+    """The .npy (format 1.0) header numpy itself would write: deterministic for a dtype/shape."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(arr))
+    return buf.getvalue()
+
+
+def parse_npy_header(data) -> tuple[int, np.dtype, tuple[int, ...]]:
+    """(header length, dtype, shape) of a .npy blob; raises StoreError if it is not one."""
+    mv = memoryview(data)
+    if bytes(mv[:6]) != b"\x93NUMPY":
+        raise StoreError("not a .npy blob (bad magic)")
+    major = mv[6]
+    if major == 1:
+        hlen = 10 + int.from_bytes(mv[8:10], "little")
+    else:
+        hlen = 12 + int.from_bytes(mv[8:12], "little")
+    fp = io.BytesIO(bytes(mv[:hlen]))
+    np.lib.format.read_magic(fp)
+    if major == 1:
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+    if fortran:
+        raise StoreError(".npy blob is Fortran-ordered; the store only writes C order")
+    return hlen, dtype, tuple(shape)

@@ -1,0 +1,41 @@
+"""Dataset URLs: `ROOT` or `ROOT@vN`, on any fsspec filesystem."""
+
+from __future__ import annotations
+
+import re
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from .errors import StoreError
+
+# Anchored at the end so '@' elsewhere in a URL (user@host, bucket names) is never mistaken.
+_VERSION_RE = re.compile(r"@v(\d+)$")
+
+
+def parse_url(url: str) -> tuple[str, int | None]:
+    """Split `ROOT@v3` into (`ROOT`, 3); a bare ROOT gives (ROOT, None) meaning the latest."""
+    if not isinstance(url, str) or not url:
+        raise StoreError(f"dataset URL must be a non-empty string, got {url!r}")
+    m = _VERSION_RE.search(url)
+    if m is None:
+        if re.search(r"@v[^/]*$", url):
+            raise StoreError(f"bad version suffix in {url!r}: expected ROOT@vN with N an integer, e.g. ROOT@v3")
+        return url.rstrip("/"), None
+    version = int(m.group(1))
+    if version < 1:
+        raise StoreError(f"bad version in {url!r}: versions start at v1")
+    return url[: m.start()].rstrip("/"), version
+
+
+def filesystem(root: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and the protocol-less root path for a dataset root URL."""
+    try:
+        fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+    except (ImportError, ValueError) as exc:
+        raise StoreError(f"cannot open dataset root {root!r}: {exc}") from exc
+    return fs, path.rstrip("/")
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
