@@ -1,0 +1,133 @@
+"""`pairgen`: generate (noise, prompt, teacher latent) pair datasets with Ray, and inspect them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing
+
+from pairgen.config import ConfigError, GenerationConfig, config_fields, load_config
+
+EXAMPLES = """examples:
+  pairgen run                                   # the embedded shapes teacher, local Ray, ./pairs
+  pairgen run --teacher runwayml/stable-diffusion-v1-5 --prompts s3://bucket/coco.txt \\
+              --out s3://bucket/pairs/sd15-cfg3 --num-pairs 3000000 --guidance 3 --workers 64
+  pairgen run --config jobs/sd15_cfg3.yaml --num-pairs 4000000   # extend: commits a new version
+  pairgen status s3://bucket/pairs/sd15-cfg3 --json
+"""
+
+
+def _flag_type(annotation):
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return str, list(typing.get_args(annotation))
+    if args and typing.get_origin(annotation) is not typing.Literal:
+        inner = args[0]
+        if typing.get_origin(inner) is typing.Literal:
+            return str, list(typing.get_args(inner))
+        return inner, None
+    return annotation, None
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field, generated from the one definition in pairgen.config."""
+    for name, info in config_fields().items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{info.description} [default: {info.default}]"
+        kind, choices = _flag_type(info.annotation)
+        if kind is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, type=kind, choices=choices, default=None, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pairgen",
+        description="Run a diffusion teacher's deterministic ODE solver (DDIM eta=0, DPM-Solver++, Euler) over "
+        "many prompts on a Ray cluster and write (noise, prompt, latent) pairs as a versioned, sharded dataset "
+        "on any fsspec filesystem (local, s3://). Re-running the same command resumes; a larger --num-pairs "
+        "extends the dataset and commits a new version.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser("run", help="generate (or resume, or extend) a pair dataset",
+                         description="Generate pairs. Every option can also come from --config YAML "
+                         "(keys are the option names with underscores); flags override the file.")
+    run.add_argument("--config", help="YAML file with any of the options below")
+    _add_config_flags(run)
+    run.add_argument("--json", action="store_true", help="print the final summary as JSON on stdout")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(func=_cmd_run)
+
+    status = sub.add_parser("status", help="shards done and pending, pairs, last version of a dataset")
+    status.add_argument("url", help="dataset root URL")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=_cmd_status)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in config_fields() if getattr(args, name, None) is not None}
+
+
+def _print_summary(summary: dict) -> None:
+    print(f"pairgen: {summary['out']} version v{summary['version']}: {summary['num_pairs']} pairs in "
+          f"{summary['num_shards']} shards", file=sys.stderr)
+    print(f"  generated {summary['pairs_generated']} pairs in {len(summary['shards_generated'])} shards "
+          f"({summary['bytes_written'] / 1e6:.1f} MB) in {summary['seconds']:.1f} s: "
+          f"{summary['pairs_per_second']:.1f} pairs/s, {summary['pairs_per_second_per_worker']:.1f} per worker", file=sys.stderr)
+    print(f"  reused {summary['shards_reused']} complete shards; retries {summary['retries']}, actors replaced "
+          f"{summary['actors_replaced']}; truncated prompts {summary['truncated_prompts']}, empty prompts skipped "
+          f"{summary['empty_prompts_skipped']}", file=sys.stderr)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pairgen.runner import PairgenRun
+
+    config: GenerationConfig = load_config(args.config, _overrides(args))
+    summary = PairgenRun(config, progress=not args.no_progress).run().as_dict()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    _print_summary(summary)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pairgen.status import dataset_status
+
+    status = dataset_status(args.url)
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(f"{args.url}: last version {status['last_version']}, {status['committed_pairs']} committed pairs "
+              f"in {status['committed_shards']} shards")
+        print(f"  target {status['target_num_pairs']} pairs: {status['shards_done']} shards done "
+              f"({status['shards_uncommitted']} not yet committed), {status['shards_pending']} pending")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pairgen.prompts import PromptSourceError
+    from pairgen.runner import RunError
+    from pairgen.teacher import TeacherError
+    from store import StoreError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return args.func(args)
+    except (ConfigError, PromptSourceError, TeacherError, StoreError, RunError) as err:
+        print(f"pairgen: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pairgen: interrupted; finished shards are kept, re-run the same command to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

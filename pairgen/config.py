@@ -1,0 +1,93 @@
+"""The generation config: every option of `pairgen run`, from YAML and/or flags, validated up front."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+SCHEDULERS = ("ddim", "dpmpp", "euler")
+
+
+class ConfigError(ValueError):
+    """A bad option; the message names the field (and the config file, when there is one)."""
+
+
+class GenerationConfig(BaseModel):
+    """What to generate and where. Fields marked (fingerprint) define the dataset: a store root
+    holds one fingerprint, and a run whose fingerprint differs is refused."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    teacher: str = Field("shapes", description="diffusers pipeline: hub id, local folder, or built-in alias (fingerprint)")
+    revision: str | None = Field(None, description="hub revision of the teacher (fingerprint)")
+    prompts: str = Field("shapes://train", description="prompt source URL: .txt, .jsonl, .csv, .parquet on any fsspec filesystem, or shapes://train (fingerprint: content hash)")
+    prompt_column: str = Field("prompt", description="column / JSON key holding the prompt in jsonl, csv, parquet sources")
+    out: str = Field("pairs", description="dataset root URL (local path, s3://...)")
+    num_pairs: int = Field(1024, gt=0, description="total pairs in the dataset; a larger value than before extends it")
+    shard_size: int = Field(256, gt=0, description="pairs per shard; shard i holds samples [i*S, (i+1)*S) (fingerprint)")
+    steps: int = Field(50, gt=0, le=1000, description="solver steps (fingerprint)")
+    scheduler: Literal["ddim", "dpmpp", "euler"] = Field("ddim", description="deterministic ODE solver (fingerprint)")
+    timestep_spacing: Literal["trailing", "leading", "linspace"] = Field("trailing", description="timestep grid; trailing starts at t=T-1 (fingerprint)")
+    guidance: float = Field(3.0, ge=0.0, description="classifier-free guidance scale; <= 1 disables guidance (fingerprint)")
+    guidance_rescale: float = Field(0.0, ge=0.0, le=1.0, description="guidance rescale phi (fingerprint)")
+    negative_prompt: str = Field("", description="negative prompt for guidance (fingerprint)")
+    seed: int = Field(0, ge=0, description="dataset seed; noise of sample j is a pure function of (seed, j) (fingerprint)")
+    dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="teacher dtype (fingerprint)")
+    height: int | None = Field(None, gt=0, description="image height in pixels; default: the teacher's (fingerprint)")
+    width: int | None = Field(None, gt=0, description="image width in pixels; default: the teacher's (fingerprint)")
+    store_prompt_embeds: bool = Field(False, description="also store prompt embeddings (and pooled ones) per pair (fingerprint)")
+    trajectory_points: int = Field(0, ge=0, description="also store K intermediate ODE points per pair (fingerprint)")
+    batch_size: int = Field(8, gt=0, description="pairs per teacher call")
+    workers: int = Field(1, gt=0, description="teacher actors (one GPU each on a GPU cluster)")
+    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per actor; default 1 when the cluster has GPUs, else 0")
+    cpus_per_worker: float | None = Field(None, gt=0, description="CPUs reserved per actor; default: a fair share of the local CPUs")
+    device: str = Field("auto", description="torch device inside each actor: auto, cuda, cpu, mps")
+    commit_every: int = Field(0, ge=0, description="commit a version every K new shards (0: only at the end)")
+    max_retries: int = Field(3, ge=0, description="attempts per shard beyond the first before the run fails")
+
+    @field_validator("out", "prompts", "teacher")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = []
+    for item in err.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "(config)"
+        lines.append(f"{source}: option {field!r}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(yaml_path: str | None = None, overrides: dict | None = None) -> GenerationConfig:
+    """Defaults < YAML file < flags. Unknown keys and bad values raise ConfigError naming them."""
+    data: dict = {}
+    source = "flags"
+    if yaml_path:
+        source = yaml_path
+        try:
+            loaded = yaml.safe_load(Path(yaml_path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {yaml_path} does not exist") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {yaml_path} is not valid YAML: {err}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {yaml_path}: expected a mapping of option: value")
+        data.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return GenerationConfig(**data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source)) from None
+
+
+def config_fields() -> dict:
+    """Field name -> pydantic FieldInfo, for building CLI flags from the one definition above."""
+    return GenerationConfig.model_fields

@@ -1,0 +1,36 @@
+"""Split a dataset into shards: fixed units of work, each a pure function of the config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    shard: int
+    name: str
+    start: int
+    stop: int
+    prompts: list[str] = field(default_factory=list, compare=False, repr=False)
+    attempt: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def shard_name(shard: int, count: int, shard_size: int) -> str:
+    """Full shards are `shard-000012`; a short last shard carries its count, `shard-000012-p000232`,
+    so extending the dataset later writes the full shard under a new name and never overwrites."""
+    if count == shard_size:
+        return f"shard-{shard:06d}"
+    return f"shard-{shard:06d}-p{count:06d}"
+
+
+def plan_shards(num_pairs: int, shard_size: int) -> list[tuple[int, str, int, int]]:
+    """(shard index, name, first sample, end sample) for every shard of `num_pairs` samples."""
+    shards = []
+    for i, start in enumerate(range(0, num_pairs, shard_size)):
+        stop = min(start + shard_size, num_pairs)
+        shards.append((i, shard_name(i, stop - start, shard_size), start, stop))
+    return shards

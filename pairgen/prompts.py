@@ -1,0 +1,147 @@
+"""Prompt sources on any fsspec URL, and the rule that gives every sample its prompt.
+
+Formats by file suffix: .txt (one prompt per line), .jsonl, .csv, .parquet (a named column).
+`shapes://train` / `shapes://heldout` are the embedded shapes world's captions.
+Rule: sample j gets prompts[j % len(prompts)], so any shard is a fixed unit of work.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+
+import fsspec
+import xxhash
+
+PROMPT_RULE = "prompts[j % num_prompts]"
+
+
+class PromptSourceError(ValueError):
+    """The prompt source cannot be used; the message names the URL (and line or column)."""
+
+
+@dataclass
+class PromptSource:
+    url: str
+    prompts: list[str]
+    empty_skipped: int = 0
+    column: str | None = None
+    content_xxh3: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise PromptSourceError(f"prompt source {self.url} has no usable prompt")
+        digest = xxhash.xxh3_64()
+        for prompt in self.prompts:
+            digest.update(prompt.encode("utf-8"))
+            digest.update(b"\0")
+        self.content_xxh3 = digest.hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def prompt_for(self, index: int) -> str:
+        return self.prompts[index % len(self.prompts)]
+
+    def prompts_for(self, start: int, stop: int) -> list[str]:
+        return [self.prompt_for(j) for j in range(start, stop)]
+
+    def describe(self) -> dict:
+        """What goes into the dataset fingerprint: enough to detect a changed source."""
+        return {"url": self.url, "column": self.column, "num_prompts": len(self.prompts),
+                "content_xxh3": self.content_xxh3, "rule": PROMPT_RULE}
+
+
+def _read_bytes(url: str) -> bytes:
+    try:
+        with fsspec.open(url, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise PromptSourceError(f"prompt source {url} does not exist") from None
+    except IsADirectoryError:
+        raise PromptSourceError(f"prompt source {url} is a directory; expected a file") from None
+
+
+def _decode_lines(url: str, data: bytes) -> list[str]:
+    lines = data.split(b"\n")
+    out = []
+    for number, raw in enumerate(lines, start=1):
+        try:
+            out.append(raw.decode("utf-8").rstrip("\r"))
+        except UnicodeDecodeError as err:
+            raise PromptSourceError(f"prompt source {url}, line {number}: not valid UTF-8 ({err.reason})") from None
+    if out and out[-1] == "":
+        out.pop()  # the newline that ends the file
+    return out
+
+
+def _keep_non_empty(values: list) -> tuple[list[str], int]:
+    kept = [str(v).strip() for v in values if v is not None and str(v).strip()]
+    return kept, len(values) - len(kept)
+
+
+def _from_jsonl(url: str, lines: list[str], column: str) -> list:
+    values = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            values.append(None)
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PromptSourceError(f"prompt source {url}, line {number}: invalid JSON ({err.msg})") from None
+        if not isinstance(row, dict) or column not in row:
+            raise PromptSourceError(f"prompt source {url}, line {number}: no key {column!r}")
+        values.append(row[column])
+    return values
+
+
+def _from_csv(url: str, lines: list[str], column: str) -> list:
+    reader = csv.DictReader(io.StringIO("\n".join(lines)))
+    if reader.fieldnames is None or column not in reader.fieldnames:
+        raise PromptSourceError(f"prompt source {url}: no column {column!r} (columns: {reader.fieldnames})")
+    return [row[column] for row in reader]
+
+
+def _from_parquet(url: str, data: bytes, column: str) -> list:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except Exception as err:  # pyarrow raises several types for a bad file
+        raise PromptSourceError(f"prompt source {url}: not a readable Parquet file ({err})") from None
+    if column not in table.column_names:
+        raise PromptSourceError(f"prompt source {url}: no column {column!r} (columns: {table.column_names})")
+    return table.column(column).to_pylist()
+
+
+def _shapes_prompts(url: str) -> list[str]:
+    from pairgen.shapes import world
+
+    split = url.split("://", 1)[1] or "train"
+    try:
+        return world.caption_list(split)
+    except KeyError:
+        raise PromptSourceError(f"prompt source {url}: unknown shapes split {split!r}") from None
+
+
+def load_prompts(url: str, column: str = "prompt") -> PromptSource:
+    """Read every prompt of `url`; empty ones are skipped and counted."""
+    if url.startswith("shapes://"):
+        values = _shapes_prompts(url)
+        kept, skipped = _keep_non_empty(values)
+        return PromptSource(url, kept, skipped, None)
+    data = _read_bytes(url)
+    name = url.rsplit("?", 1)[0].lower()
+    if name.endswith(".parquet"):
+        values, used_column = _from_parquet(url, data, column), column
+    elif name.endswith(".jsonl") or name.endswith(".json"):
+        values, used_column = _from_jsonl(url, _decode_lines(url, data), column), column
+    elif name.endswith(".csv"):
+        values, used_column = _from_csv(url, _decode_lines(url, data), column), column
+    else:
+        values, used_column = _decode_lines(url, data), None
+    kept, skipped = _keep_non_empty(values)
+    return PromptSource(url, kept, skipped, used_column)

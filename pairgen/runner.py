@@ -1,0 +1,265 @@
+"""The driver: plan shards, dispatch them to a pool of teacher actors on Ray, commit versions.
+
+Fault tolerance: a shard whose actor dies or whose write fails goes back to the queue (bounded
+retries) and the dead actor is replaced. Nothing partial is ever visible: a shard exists for
+readers only once its index is written, and only committed versions are read by trainers.
+Re-running the same command resumes: shards already complete on storage are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from pairgen.config import GenerationConfig
+from pairgen.fingerprint import build_fingerprint
+from pairgen.plan import ShardTask, plan_shards
+from pairgen.prompts import PromptSource, load_prompts
+from store import PairStore, ShardInfo
+
+
+# Test-only fault injection: the driver SIGKILLs itself after N shards finish in this run,
+# exactly as an operator's `kill -9` or a lost head node would.
+KILL_DRIVER_ENV = "D2G_FAULT_KILL_DRIVER_AFTER_SHARDS"
+
+
+def _maybe_kill_driver(shards_finished: int) -> None:
+    after = os.environ.get(KILL_DRIVER_ENV)
+    if after and shards_finished >= int(after):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RunError(RuntimeError):
+    """The run cannot start or cannot finish; the message says why and what was kept."""
+
+
+@dataclass
+class RunSummary:
+    out: str
+    num_pairs: int = 0
+    num_shards: int = 0
+    shards_generated: list[str] = field(default_factory=list)
+    shards_reused: int = 0
+    pairs_generated: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    retries: int = 0
+    actors_replaced: int = 0
+    truncated_prompts: int = 0
+    empty_prompts_skipped: int = 0
+    version: int | None = None
+    workers: int = 0
+
+    def as_dict(self) -> dict:
+        data = dict(self.__dict__)
+        data["pairs_per_second"] = self.pairs_generated / self.seconds if self.seconds else 0.0
+        data["pairs_per_second_per_worker"] = data["pairs_per_second"] / max(self.workers, 1)
+        return data
+
+
+def _ensure_ray(num_cpus: int | None = None):
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+def _actor_resources(ray, config: GenerationConfig) -> tuple[float, float, int]:
+    cluster = ray.cluster_resources()
+    gpus = config.gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
+    cpus = config.cpus_per_worker
+    if cpus is None:
+        # Fractional, so a pool never takes every CPU and starves the driver's own tasks.
+        cpus = max(0.1, min(1.0, cluster.get("CPU", 1) / (config.workers + 1)))
+    threads = max(1, int((os.cpu_count() or 1) // config.workers)) if gpus == 0 else 1
+    return cpus, gpus, threads
+
+
+class _ActorPool:
+    """Teacher actors, replaced when they die. Each takes at most `depth` shards at a time so the
+    next shard is already queued when one finishes (no idle accelerator), but no more."""
+
+    def __init__(self, ray, config: GenerationConfig, depth: int = 2):
+        from pairgen.worker import ShardGenerator
+
+        self.ray = ray
+        self.config = config
+        self.depth = depth
+        cpus, gpus, threads = _actor_resources(ray, config)
+        self._remote = ray.remote(ShardGenerator).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0,
+                                                          max_task_retries=0)
+        self._threads = threads
+        self.actors = [self._new() for _ in range(config.workers)]
+        self.load = [0] * config.workers
+        self.replaced = 0
+
+    def _new(self):
+        return self._remote.remote(self.config.model_dump(), self._threads)
+
+    def free_slot(self) -> int | None:
+        best = min(range(len(self.actors)), key=lambda i: self.load[i])
+        return best if self.load[best] < self.depth else None
+
+    def replace(self, slot: int) -> None:
+        try:
+            self.ray.kill(self.actors[slot], no_restart=True)
+        except Exception:
+            pass
+        self.actors[slot] = self._new()
+        self.load[slot] = 0
+        self.replaced += 1
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            try:
+                self.ray.kill(actor, no_restart=True)
+            except Exception:
+                pass
+
+
+def _validate_against_store(st: PairStore, config: GenerationConfig, fingerprint: dict) -> None:
+    latest = st.latest_version()
+    if latest is not None:
+        have = st.manifest(latest).num_pairs
+        if config.num_pairs < have:
+            raise RunError(
+                f"--num-pairs {config.num_pairs} is smaller than version v{latest} of {config.out}, which "
+                f"holds {have} pairs; pairgen never deletes pairs (use a new --out for a smaller dataset)"
+            )
+    st.ensure_fingerprint(fingerprint)
+
+
+class PairgenRun:
+    def __init__(self, config: GenerationConfig, progress: bool = True, log=None):
+        self.config = config
+        self.progress = progress
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.prompts: PromptSource = load_prompts(config.prompts, config.prompt_column)
+        self.fingerprint = build_fingerprint(config, self.prompts)
+        self.store = PairStore(config.out)
+        self.summary = RunSummary(out=config.out, workers=config.workers,
+                                  empty_prompts_skipped=self.prompts.empty_skipped)
+
+    def _tasks(self, complete: dict[str, ShardInfo]) -> tuple[list[ShardTask], list[ShardInfo]]:
+        todo, done = [], []
+        for shard, name, start, stop in plan_shards(self.config.num_pairs, self.config.shard_size):
+            if name in complete:
+                done.append(complete[name])
+            else:
+                todo.append(ShardTask(shard, name, start, stop, self.prompts.prompts_for(start, stop)))
+        return todo, done
+
+    def _commit(self, shards: dict[str, ShardInfo]) -> int:
+        parent = self.store.latest_version()
+        if parent is not None:
+            committed = {s.name for s in self.store.manifest(parent).shards}
+            if committed == set(shards):
+                return parent
+        manifest = self.store.commit(sorted(shards.values(), key=lambda s: s.name), parent=parent,
+                                     extra={"pairgen": {"target_num_pairs": self.config.num_pairs,
+                                                        "shard_size": self.config.shard_size,
+                                                        "complete": len(shards) == self.summary.num_shards}})
+        return manifest.version
+
+    def run(self) -> RunSummary:
+        _validate_against_store(self.store, self.config, self.fingerprint)
+        plan = plan_shards(self.config.num_pairs, self.config.shard_size)
+        self.summary.num_shards = len(plan)
+        self.summary.num_pairs = self.config.num_pairs
+        todo, reused = self._tasks(self.store.complete_shards())
+        wanted = {name for _, name, _, _ in plan}
+        done: dict[str, ShardInfo] = {s.name: s for s in reused if s.name in wanted}
+        self.summary.shards_reused = len(done)
+        began = time.perf_counter()
+        if todo:
+            self._dispatch(todo, done)
+        self.summary.seconds = time.perf_counter() - began
+        self.summary.version = self._commit(done)
+        return self.summary
+
+    def _dispatch(self, todo: list[ShardTask], done: dict[str, ShardInfo]) -> None:
+        from tqdm import tqdm
+
+        ray = _ensure_ray()
+        pool = _ActorPool(ray, self.config)
+        pending = deque(todo)
+        inflight: dict = {}
+        since_commit = 0
+        bar = tqdm(total=sum(t.size for t in todo), unit="pair", desc="pairgen", disable=not self.progress,
+                   file=sys.stderr, dynamic_ncols=True)
+        try:
+            while pending or inflight:
+                while pending and (slot := pool.free_slot()) is not None:
+                    task = pending.popleft()
+                    ref = pool.actors[slot].generate.remote(task)
+                    inflight[ref] = (slot, task)
+                    pool.load[slot] += 1
+                ready, _ = ray.wait(list(inflight), num_returns=1)
+                for ref in ready:
+                    slot, task = inflight.pop(ref)
+                    pool.load[slot] = max(0, pool.load[slot] - 1)
+                    try:
+                        result = ray.get(ref)
+                    except ray.exceptions.RayActorError as err:
+                        self._retry(task, pending, f"actor died ({type(err).__name__})")
+                        self._requeue_actor_tasks(slot, inflight, pending, pool)
+                        pool.replace(slot)
+                        continue
+                    except ray.exceptions.RayTaskError as err:
+                        self._retry(task, pending, f"failed: {err.cause!r}" if err.cause else str(err))
+                        continue
+                    info = ShardInfo.from_dict(result["info"])
+                    done[info.name] = info
+                    self.summary.shards_generated.append(info.name)
+                    self.summary.pairs_generated += result["samples"]
+                    self.summary.bytes_written += info.tar_bytes + info.index_bytes
+                    self.summary.truncated_prompts += result["truncated"]
+                    bar.update(result["samples"])
+                    bar.set_postfix(retries=self.summary.retries, shards=len(done))
+                    since_commit += 1
+                    if self.config.commit_every and since_commit >= self.config.commit_every:
+                        self.summary.version = self._commit(done)
+                        since_commit = 0
+                    _maybe_kill_driver(len(self.summary.shards_generated))
+        except BaseException:
+            # Keep what is finished: commit it so a trainer can use it and a re-run skips it.
+            if done:
+                try:
+                    self.summary.version = self._commit(done)
+                except Exception as commit_err:  # the original error matters more
+                    self.log(f"pairgen: could not commit finished shards: {commit_err}")
+            raise
+        finally:
+            bar.close()
+            self.summary.actors_replaced = pool.replaced
+            pool.shutdown()
+
+    def _retry(self, task: ShardTask, pending: deque, reason: str) -> None:
+        if task.attempt >= self.config.max_retries:
+            raise RunError(f"shard {task.name} failed {task.attempt + 1} times; last: {reason}. "
+                           "Finished shards are kept; re-run the same command to continue.")
+        self.summary.retries += 1
+        self.log(f"pairgen: shard {task.name} {reason}; retrying (attempt {task.attempt + 2})")
+        pending.appendleft(ShardTask(task.shard, task.name, task.start, task.stop, task.prompts, task.attempt + 1))
+
+    def _requeue_actor_tasks(self, slot: int, inflight: dict, pending: deque, pool: _ActorPool) -> None:
+        # The dead actor's queued shard would fail too; put it back without counting a retry.
+        for ref, (other_slot, task) in list(inflight.items()):
+            if other_slot == slot:
+                inflight.pop(ref)
+                pending.appendleft(task)
+        pool.load[slot] = 0
+
+
+def run(config: GenerationConfig, progress: bool = True) -> RunSummary:
+    return PairgenRun(config, progress=progress).run()

@@ -1,0 +1,120 @@
+"""Component configs of the shapes teacher (SD1.5 layout) and builders for each component.
+
+Sizes follow the CPU trials recorded in issue 8: a (16, 32, 64) VAE giving 4x8x8 latents for
+32x32 images, a ~1M-parameter UNet with cross-attention at both levels, and a small frozen random
+CLIP text encoder (its random features are enough to tell the caption words apart).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pairgen.clip_vocab import write_clip_tokenizer
+from pairgen.shapes import world
+
+TOKEN_LENGTH = 32  # longest caption is ~20 tokens with BOS/EOS; SD's 77 would only cost attention time
+
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+    block_out_channels=(16, 32, 64), sample_size=world.IMAGE_SIZE,
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+)
+
+TEXT_CONFIG = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=TOKEN_LENGTH, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+)
+
+UNET_CONFIG = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8,
+)
+
+# SD1.5's training noise schedule.
+NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+# Every DDIMScheduler kwarg that changes sampling is pinned, so no diffusers default can drift:
+# - timestep_spacing="trailing": a 1-step sample evaluates t=999 (pure noise is treated as pure
+#   noise); SD's "leading" would evaluate t=1 for one step.
+# - steps_offset=1 is SD1.5's value; diffusers applies it only to "leading" spacing, so with
+#   "trailing" it has no effect and is kept for a familiar config.
+# - clip_sample=False, set_alpha_to_one=False, thresholding=False as in SD1.5.
+DDIM_KWARGS = dict(
+    **NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+    timestep_spacing="trailing", thresholding=False, rescale_betas_zero_snr=False,
+)
+
+
+def build_tokenizer(folder: str | Path):
+    """The project's CLIP tokenizer with every caption word as one token (saved to `folder`)."""
+    return write_clip_tokenizer(folder, world.vocabulary(), max_length=TOKEN_LENGTH)
+
+
+def build_text_encoder(tokenizer, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                            **TEXT_CONFIG)
+    return CLIPTextModel(config).eval().requires_grad_(False)
+
+
+def build_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(**VAE_CONFIG)
+
+
+def build_unet(seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**UNET_CONFIG)
+
+
+def build_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**DDIM_KWARGS)
+
+
+def alphas_cumprod() -> torch.Tensor:
+    """SD's scaled_linear cumulative alphas (identical to the scheduler's), for training."""
+    n = NOISE_SCHEDULE["num_train_timesteps"]
+    betas = torch.linspace(NOISE_SCHEDULE["beta_start"] ** 0.5, NOISE_SCHEDULE["beta_end"] ** 0.5, n,
+                           dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+def assemble_pipeline(vae, text_encoder, tokenizer, unet):
+    """A StableDiffusionPipeline of the components, with the pinned DDIM scheduler."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=build_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def build_untrained_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Save a random-weight pipeline with the teacher's exact configs (tests the loading path)."""
+    folder = Path(folder)
+    tokenizer = build_tokenizer(folder / "tokenizer")
+    pipe = assemble_pipeline(build_vae(seed), build_text_encoder(tokenizer, seed), tokenizer, build_unet(seed))
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """Text embeddings exactly as StableDiffusionPipeline computes them (max-length padding,
+    last hidden state), so the UNet trains on what it will see at sampling time."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids)[0]

@@ -1,0 +1,29 @@
+"""What a pair dataset holds and what is left to generate."""
+
+from __future__ import annotations
+
+from store import PairStore
+
+
+def dataset_status(url: str) -> dict:
+    st = PairStore(url)
+    latest = st.latest_version()
+    manifest = st.manifest(latest) if latest is not None else None
+    complete = st.complete_shards()
+    committed = {s.name for s in manifest.shards} if manifest else set()
+    plan = (manifest.extra or {}).get("pairgen", {}) if manifest else {}
+    target = plan.get("target_num_pairs")
+    shard_size = plan.get("shard_size")
+    target_shards = -(-target // shard_size) if target and shard_size else None
+    done_indices = {name.split("-")[1] for name in complete}
+    return {
+        "url": url,
+        "last_version": latest,
+        "committed_pairs": manifest.num_pairs if manifest else 0,
+        "committed_shards": len(committed),
+        "target_num_pairs": target,
+        "shards_done": len(complete),
+        "shards_uncommitted": len(set(complete) - committed),
+        "shards_pending": max(0, target_shards - len(done_indices)) if target_shards is not None else None,
+        "fingerprint": st.read_fingerprint(),
+    }

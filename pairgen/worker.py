@@ -1,0 +1,126 @@
+"""One teacher, loaded once, turning shard tasks into committed-ready shards.
+
+`ShardGenerator` is a plain class (used in-process by tests and benchmarks) that the runner wraps
+as a Ray actor. Writing overlaps with compute: a background thread serialises, hashes and uploads
+batch k while the teacher solves batch k+1.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from pairgen.config import GenerationConfig
+from pairgen.noise import batch_noise, sample_seed
+from pairgen.plan import ShardTask
+from pairgen.solver import SolverSettings, TeacherSolver, to_numpy
+from pairgen.teacher import load_teacher
+from store import FieldSpec, PairStore, Schema
+
+# Test-only fault injection: "SHARD:BATCHES:MARKER" makes the process die (as a node would) after
+# writing BATCHES batches of shard SHARD, once: the marker file records that it happened.
+CRASH_ENV = "D2G_FAULT_CRASH_SHARD"
+
+
+def _maybe_crash(shard: int, batches_done: int) -> None:
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    target, after, marker = spec.split(":", 2)
+    if int(target) == shard and batches_done >= int(after) and not Path(marker).exists():
+        Path(marker).write_text(f"crashed in shard {shard} after {batches_done} batches\n")
+        os._exit(1)
+
+
+def solver_settings(config: GenerationConfig) -> SolverSettings:
+    return SolverSettings(
+        scheduler=config.scheduler, steps=config.steps, timestep_spacing=config.timestep_spacing,
+        guidance=config.guidance, guidance_rescale=config.guidance_rescale,
+        negative_prompt=config.negative_prompt, height=config.height, width=config.width,
+        store_prompt_embeds=config.store_prompt_embeds, trajectory_points=config.trajectory_points,
+    )
+
+
+class _BackgroundWriter:
+    """Feeds a shard writer from a bounded queue on its own thread (back-pressure: 2 batches)."""
+
+    def __init__(self, writer):
+        self.writer = writer
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                for sample in item:
+                    self.writer.write(**sample)
+            except BaseException as err:  # re-raised on the compute thread
+                self.error = err
+
+    def put(self, samples: list[dict]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(samples)
+
+    def finish(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+class ShardGenerator:
+    def __init__(self, config: dict | GenerationConfig, threads: int | None = None):
+        self.config = config if isinstance(config, GenerationConfig) else GenerationConfig(**config)
+        if threads:
+            torch.set_num_threads(threads)
+        self.pipe = load_teacher(self.config.teacher, dtype=self.config.dtype, device=self.config.device,
+                                 revision=self.config.revision)
+        self.solver = TeacherSolver(self.pipe, solver_settings(self.config))
+        self.store = PairStore(self.config.out)
+        self.schema = Schema(fields={name: FieldSpec(dtype=dtype, shape=tuple(shape))
+                                     for name, (dtype, shape) in self.solver.schema().items()})
+
+    def ping(self) -> str:
+        return "ok"
+
+    def _samples(self, task: ShardTask, indices: list[int], prompts: list[str], arrays: dict) -> list[dict]:
+        numpy_arrays = {k: to_numpy(v) for k, v in arrays.items()}
+        meta = {"trajectory_timesteps": self.solver.trajectory_timesteps()} if "trajectory" in arrays else None
+        return [
+            dict(key=f"{j:012d}", index=j, prompt=prompts[row], seed=sample_seed(self.config.seed, j),
+                 arrays={k: v[row] for k, v in numpy_arrays.items()}, meta=meta)
+            for row, j in enumerate(indices)
+        ]
+
+    def generate(self, task: ShardTask) -> dict:
+        """Solve and write one shard; returns its ShardInfo as a dict plus run statistics."""
+        began = time.perf_counter()
+        truncated = self.solver.count_truncated(task.prompts)
+        batch_size = self.config.batch_size
+        with self.store.open_shard_writer(task.name, self.schema) as writer:
+            background = _BackgroundWriter(writer)
+            try:
+                for batch_no, offset in enumerate(range(0, task.size, batch_size)):
+                    indices = list(range(task.start + offset, min(task.start + offset + batch_size, task.stop)))
+                    prompts = task.prompts[offset: offset + len(indices)]
+                    noise = batch_noise(self.config.seed, indices, self.solver.latent_shape)
+                    arrays = self.solver.solve(prompts, noise)
+                    background.put(self._samples(task, indices, prompts, arrays))
+                    _maybe_crash(task.shard, batch_no + 1)
+            finally:
+                background.finish()
+        return {"info": writer.info.to_dict(), "seconds": time.perf_counter() - began,
+                "truncated": truncated, "samples": task.size, "name": task.name}

@@ -1,0 +1,171 @@
+"""pairgen end to end on a real local Ray, writing to local disk and to the moto S3 server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pairgen.config import ConfigError, load_config
+from pairgen.runner import PairgenRun, RunError
+from pairgen.worker import CRASH_ENV
+from store import FingerprintMismatch, PairStore
+
+
+@pytest.fixture
+def prompt_file(tmp_path) -> str:
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red circle\na blue square\na green cat\n\na red square\n")
+    return str(path)
+
+
+def _config(teacher, prompts, out, **overrides):
+    base = dict(teacher=str(teacher), prompts=prompts, out=out, num_pairs=10, shard_size=4, steps=3,
+                guidance=2.0, batch_size=2, workers=1, seed=5)
+    base.update(overrides)
+    return load_config(None, base)
+
+
+def _shard_hashes(url: str, version: int | None = None) -> dict[str, tuple]:
+    manifest = PairStore(url).manifest(version)
+    return {s.name: (s.num_samples, s.tar_xxh3, s.index_xxh3) for s in manifest.shards}
+
+
+def test_one_and_two_workers_write_identical_shards(ray_local, sd15_teacher, prompt_file, root_url):
+    one = PairgenRun(_config(sd15_teacher, prompt_file, root_url + "-w1"), progress=False).run()
+    two = PairgenRun(_config(sd15_teacher, prompt_file, root_url + "-w2", workers=2), progress=False).run()
+    assert one.pairs_generated == two.pairs_generated == 10
+    assert one.version == two.version == 1
+    a, b = _shard_hashes(root_url + "-w1"), _shard_hashes(root_url + "-w2")
+    assert list(a) == ["shard-000000", "shard-000001", "shard-000002-p000002"]
+    assert a == b
+    # The short last shard is named by its count, and the dataset resolves every index.
+    st = PairStore(root_url + "-w1")
+    assert st.manifest().num_pairs == 10
+    sample = st.get(index=9)
+    assert sample["prompt"] == "a blue square"  # prompt 9 % 4 of the 4 non-empty prompts
+
+
+def test_rerun_skips_done_work_and_extension_adds_a_version(ray_local, sd15_teacher, prompt_file, tmp_path):
+    out = str(tmp_path / "ds")
+    first = PairgenRun(_config(sd15_teacher, prompt_file, out), progress=False).run()
+    again = PairgenRun(_config(sd15_teacher, prompt_file, out), progress=False).run()
+    assert again.shards_generated == [] and again.shards_reused == 3 and again.version == first.version
+    bigger = PairgenRun(_config(sd15_teacher, prompt_file, out, num_pairs=16), progress=False).run()
+    # The short shard 2 becomes a full shard under its own name; shard 3 is new; 0 and 1 are reused.
+    assert sorted(bigger.shards_generated) == ["shard-000002", "shard-000003"]
+    st = PairStore(out)
+    assert st.versions() == [1, 2]
+    latest = st.manifest(2)
+    assert latest.parent == 1 and latest.num_pairs == 16
+    assert _shard_hashes(out, 1)["shard-000000"] == _shard_hashes(out, 2)["shard-000000"]
+    assert st.manifest(1).num_pairs == 10, "the old version is untouched"
+    clean = PairgenRun(_config(sd15_teacher, prompt_file, str(tmp_path / "clean"), num_pairs=16), progress=False).run()
+    assert clean.version == 1
+    assert _shard_hashes(out) == _shard_hashes(str(tmp_path / "clean"))
+
+
+def test_refusals_name_the_setting(ray_local, sd15_teacher, prompt_file, tmp_path):
+    out = str(tmp_path / "ds")
+    PairgenRun(_config(sd15_teacher, prompt_file, out, num_pairs=8), progress=False).run()
+    with pytest.raises(FingerprintMismatch, match=r"solver\.guidance"):
+        PairgenRun(_config(sd15_teacher, prompt_file, out, num_pairs=8, guidance=5.0), progress=False).run()
+    with pytest.raises(RunError, match="smaller than version v1"):
+        PairgenRun(_config(sd15_teacher, prompt_file, out, num_pairs=4), progress=False).run()
+    assert PairStore(out).versions() == [1], "a refused run writes nothing"
+
+
+def test_commit_every_makes_intermediate_versions(ray_local, sd15_teacher, prompt_file, tmp_path):
+    out = str(tmp_path / "ds")
+    PairgenRun(_config(sd15_teacher, prompt_file, out, num_pairs=12, commit_every=1), progress=False).run()
+    st = PairStore(out)
+    assert st.versions() == [1, 2, 3]
+    assert [st.manifest(v).num_pairs for v in (1, 2, 3)] == [4, 8, 12]
+    assert [st.manifest(v).parent for v in (1, 2, 3)] == [None, 1, 2]
+
+
+def test_worker_killed_mid_shard_is_retried(ray_local, sd15_teacher, prompt_file, tmp_path, monkeypatch):
+    clean = str(tmp_path / "clean")
+    PairgenRun(_config(sd15_teacher, prompt_file, clean), progress=False).run()
+    marker = tmp_path / "crashed"
+    # The actor process exits hard after the first batch of shard 1, as a dying node would.
+    monkeypatch.setenv(CRASH_ENV, f"1:1:{marker}")
+    out = str(tmp_path / "faulty")
+    config = _config(sd15_teacher, prompt_file, out, workers=2)
+    run = PairgenRun(config, progress=False)
+    import ray
+
+    ray.shutdown()  # actors must inherit the fault-injection variable: restart the local Ray
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        summary = run.run()
+    finally:
+        monkeypatch.delenv(CRASH_ENV)
+        ray.shutdown()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    assert marker.exists(), "the fault was injected"
+    assert summary.retries >= 1 and summary.actors_replaced >= 1
+    assert _shard_hashes(out) == _shard_hashes(clean)
+
+
+def test_driver_killed_then_rerun_equals_clean_run(sd15_teacher, prompt_file, tmp_path):
+    """The whole `pairgen run` process gets SIGKILL after its second shard; the same command,
+    re-run, finishes the dataset without regenerating any finished shard."""
+    out = str(tmp_path / "ds")
+    args = [str(Path(sys.executable).parent / "pairgen"), "run", "--teacher", str(sd15_teacher), "--prompts",
+            prompt_file, "--out", out, "--num-pairs", "16", "--shard-size", "4", "--steps", "3",
+            "--guidance", "2", "--batch-size", "2", "--workers", "1", "--seed", "5", "--no-progress", "--json",
+            "--commit-every", "1"]
+    env = dict(os.environ, D2G_FAULT_KILL_DRIVER_AFTER_SHARDS="2")
+    killed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    st = PairStore(out)
+    done_before = set(st.complete_shards())
+    assert len(done_before) >= 2 and len(done_before) < 4
+    resumed = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads(resumed.stdout)
+    assert not set(summary["shards_generated"]) & done_before, "no finished shard is generated twice"
+    clean = str(tmp_path / "clean")
+    PairgenRun(_config(sd15_teacher, prompt_file, clean, num_pairs=16), progress=False).run()
+    assert _shard_hashes(out) == _shard_hashes(clean)
+
+
+def test_sdxl_teacher_with_embeddings_and_trajectory(ray_local, sdxl_teacher, prompt_file, root_url):
+    config = _config(sdxl_teacher, prompt_file, root_url, num_pairs=4, store_prompt_embeds=True,
+                     trajectory_points=1, scheduler="euler")
+    PairgenRun(config, progress=False).run()
+    sample = PairStore(root_url).get(index=3)
+    assert set(sample) >= {"noise", "latent", "prompt_embeds", "pooled_prompt_embeds", "trajectory"}
+    assert tuple(sample["trajectory"].shape) == (1, 4, 8, 8)
+
+
+def test_config_errors_name_the_field(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("teacher: shapes\nnum_pairs: -3\n")
+    with pytest.raises(ConfigError, match="num_pairs"):
+        load_config(str(bad))
+    bad.write_text("teacher: shapes\nnum_pears: 3\n")
+    with pytest.raises(ConfigError, match="num_pears"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="scheduler"):
+        load_config(None, {"scheduler": "heun"})
+    good = tmp_path / "g.yaml"
+    good.write_text("steps: 7\nguidance: 4\n")
+    config = load_config(str(good), {"guidance": 2.5})
+    assert config.steps == 7 and config.guidance == 2.5, "flags override the file"
+
+
+def test_cli_errors_before_work_and_status(sd15_teacher, prompt_file, tmp_path):
+    exe = str(Path(sys.executable).parent / "pairgen")
+    out = subprocess.run([exe, "run", "--scheduler", "heun"], capture_output=True, text=True)
+    assert out.returncode == 2 and "heun" in out.stderr
+    missing = subprocess.run([exe, "run", "--prompts", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "nope.txt" in missing.stderr and "does not exist" in missing.stderr
+    assert not (tmp_path / "x").exists(), "nothing is written before validation passes"
