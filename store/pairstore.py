@@ -47,6 +47,17 @@ class PairStore:
         self._index_cache: dict[str, object] = {}
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict:
+        # Shipped to DataLoader workers: drop the lock and caches, keep the filesystem.
+        state = dict(self.__dict__)
+        state.pop("_lock")
+        state["_index_cache"] = {}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def __repr__(self) -> str:
         return f"PairStore({self.url!r})"
 

@@ -1,0 +1,162 @@
+"""The epoch's canonical sample order and how it is cut between ranks and workers.
+
+Position p of epoch e maps to a sample by a pure function of (seed, e, p): shards are permuted
+by (seed, e), their samples concatenated into a list L, and L is shuffled only within consecutive
+blocks of `block` positions by (seed, e, block). Nothing here grows with the dataset beyond one
+int per shard, and any process can recompute any position, which is what makes resume exact.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import numpy as np
+
+
+class EpochOrder:
+    def __init__(self, shard_counts: list[int], seed: int, epoch: int, shuffle: bool, block: int):
+        self.num_samples = int(sum(shard_counts))
+        self.block = max(1, int(block))
+        self.shuffle = shuffle
+        self.seed, self.epoch = int(seed), int(epoch)
+        n = len(shard_counts)
+        if shuffle:
+            self.shard_order = np.random.default_rng([self.seed, self.epoch, 0]).permutation(n)
+        else:
+            self.shard_order = np.arange(n)
+        counts = np.asarray(shard_counts, dtype=np.int64)[self.shard_order]
+        # starts[i] = first L index of the i-th shard in epoch order
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._perms: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def _block_perm(self, b: int) -> np.ndarray:
+        perm = self._perms.get(b)
+        if perm is None:
+            size = min(self.block, self.num_samples - b * self.block)
+            if self.shuffle:
+                perm = np.random.default_rng([self.seed, self.epoch, 1, b]).permutation(size)
+            else:
+                perm = np.arange(size)
+            self._perms[b] = perm
+            while len(self._perms) > 4:
+                self._perms.popitem(last=False)
+        return perm
+
+    def list_indices(self, p: int, count: int) -> np.ndarray:
+        """L indices of positions [p, p+count), which must lie inside one block."""
+        b = p // self.block
+        lo = p - b * self.block
+        return b * self.block + self._block_perm(b)[lo : lo + count]
+
+    def locate(self, L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard index in manifest order, row within that shard) for each L index."""
+        i = np.searchsorted(self.starts, L, side="right") - 1
+        return self.shard_order[i], L - self.starts[i]
+
+    def chunks(self, intervals: list[tuple[int, int]]):
+        """Split virtual positions into runs that stay inside one block: (q, p, count).
+        Virtual positions past the end wrap around (rank padding)."""
+        N = self.num_samples
+        for a, b in intervals:
+            q = a
+            while q < b:
+                p = q % N
+                blk_end = min((p // self.block + 1) * self.block, N)
+                take = min(b - q, blk_end - p)
+                yield q, p, take
+                q += take
+
+
+def rank_range(num_samples: int, world_size: int, rank: int, pad: bool) -> tuple[int, int]:
+    """Virtual positions [start, end) of one rank; every rank gets the same count."""
+    per_rank = math.ceil(num_samples / world_size) if pad else num_samples // world_size
+    return rank * per_rank, (rank + 1) * per_rank
+
+
+def split_by_count(intervals: list[tuple[int, int]], parts: int) -> list[list[tuple[int, int]]]:
+    """Cut a sorted interval list into `parts` contiguous pieces of near-equal sample counts."""
+    total = sum(b - a for a, b in intervals)
+    bounds = [total * k // parts for k in range(parts + 1)]
+    out: list[list[tuple[int, int]]] = [[] for _ in range(parts)]
+    seen = 0
+    for a, b in intervals:
+        for k in range(parts):
+            lo = max(a, a + bounds[k] - seen)
+            hi = min(b, a + bounds[k + 1] - seen)
+            if hi > lo:
+                out[k].append((lo, hi))
+        seen += b - a
+    return out
+
+
+class IntervalSet:
+    """A set of ints stored as sorted, disjoint, half-open intervals."""
+
+    def __init__(self, intervals=()):
+        self._iv: list[list[int]] = []
+        for a, b in intervals:
+            self.add(int(a), int(b))
+
+    def add(self, a: int, b: int) -> None:
+        if b <= a:
+            return
+        merged = []
+        placed = False
+        for s, e in self._iv:
+            if e < a:
+                merged.append([s, e])
+            elif b < s:
+                if not placed:
+                    merged.append([a, b])
+                    placed = True
+                merged.append([s, e])
+            else:
+                a, b = min(a, s), max(b, e)
+        if not placed:
+            merged.append([a, b])
+        merged.sort()
+        self._iv = merged
+
+    def add_positions(self, positions) -> None:
+        ps = sorted(set(int(p) for p in positions))
+        i = 0
+        while i < len(ps):
+            j = i
+            while j + 1 < len(ps) and ps[j + 1] == ps[j] + 1:
+                j += 1
+            self.add(ps[i], ps[j] + 1)
+            i = j + 1
+
+    def subtract_from(self, a: int, b: int) -> list[tuple[int, int]]:
+        """[a, b) minus this set, as sorted intervals."""
+        out = []
+        cur = a
+        for s, e in self._iv:
+            if e <= cur:
+                continue
+            if s >= b:
+                break
+            if s > cur:
+                out.append((cur, min(s, b)))
+            cur = max(cur, e)
+            if cur >= b:
+                break
+        if cur < b:
+            out.append((cur, b))
+        return out
+
+    def intersect(self, intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        out = []
+        for a, b in intervals:
+            for s, e in self._iv:
+                lo, hi = max(a, s), min(b, e)
+                if hi > lo:
+                    out.append((lo, hi))
+        return sorted(out)
+
+    def __len__(self) -> int:
+        return sum(e - s for s, e in self._iv)
+
+    def to_list(self) -> list[list[int]]:
+        return [list(x) for x in self._iv]
