@@ -49,9 +49,28 @@ DDIM_KWARGS = dict(
 )
 
 
+def token_safe_order(words: list[str]) -> list[str]:
+    """Order `words` so write_clip_tokenizer makes each one a single token.
+
+    BPE applies merges by rank, and write_clip_tokenizer ranks them in word order: a word whose
+    inside contains an earlier word's first pair ("triangle" holds "ri" of "right") gets split.
+    Moving the split words to the front gives their merge chains the better ranks."""
+    import tempfile
+
+    order = list(words)
+    for _ in range(len(words)):
+        with tempfile.TemporaryDirectory() as tmp:
+            tok = write_clip_tokenizer(tmp, order, max_length=TOKEN_LENGTH)
+            split = [w for w in order if len(tok(w).input_ids) != 3]  # BOS, word, EOS
+        if not split:
+            return order
+        order = split + [w for w in order if w not in split]
+    raise ValueError(f"cannot order the vocabulary so that every word is one token: {split}")
+
+
 def build_tokenizer(folder: str | Path):
     """The project's CLIP tokenizer with every caption word as one token (saved to `folder`)."""
-    return write_clip_tokenizer(folder, world.vocabulary(), max_length=TOKEN_LENGTH)
+    return write_clip_tokenizer(folder, token_safe_order(world.vocabulary()), max_length=TOKEN_LENGTH)
 
 
 def build_text_encoder(tokenizer, seed: int = 0):

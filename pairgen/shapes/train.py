@@ -115,9 +115,9 @@ def train_evaluator(args) -> dict:
               "trained": {"steps": steps, "batch": bs, "lr": LR["evaluator"], "seed": args.seed,
                           "world_seed": TRAIN_WORLD_SEED + 7, "split": "train"}}
     judge = ev.Evaluator(model, config)
-    images, _, attrs = world.batch(1234, 0, 2000, "heldout")
+    images, _, attrs = world.batch(1234, 0, args.check_items, "heldout")
     summary["heldout_accuracy"] = judge.attribute_accuracy(images, attrs)
-    print(f"[evaluator] accuracy on 2000 held-out-combination images: {summary['heldout_accuracy']}")
+    print(f"[evaluator] accuracy on {args.check_items} held-out-combination images: {summary['heldout_accuracy']}")
     judge.save(args.out / "evaluator")
     return summary
 
@@ -277,6 +277,8 @@ def parse_args(argv=None):
                         "a larger value continues a finished run")
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--latent-items", type=int, default=LATENT_ITEMS)
+    p.add_argument("--check-items", type=int, default=2000,
+                   help="real held-out images the trained evaluator is checked on at the end of its stage")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     args = p.parse_args(argv)
