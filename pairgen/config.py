@@ -44,6 +44,7 @@ class GenerationConfig(BaseModel):
     workers: int = Field(1, gt=0, description="teacher actors (one GPU each on a GPU cluster)")
     gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per actor; default 1 when the cluster has GPUs, else 0")
     cpus_per_worker: float | None = Field(None, gt=0, description="CPUs reserved per actor; default: a fair share of the local CPUs")
+    threads_per_worker: int = Field(1, gt=0, description="torch CPU threads per actor; fixed (not derived from --workers) because CPU float results depend on the thread count, and shards must be byte-identical whatever the worker count")
     device: str = Field("auto", description="torch device inside each actor: auto, cuda, cpu, mps")
     commit_every: int = Field(0, ge=0, description="commit a version every K new shards (0: only at the end)")
     max_retries: int = Field(3, ge=0, description="attempts per shard beyond the first before the run fails")

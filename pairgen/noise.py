@@ -9,12 +9,12 @@ from __future__ import annotations
 import torch
 import xxhash
 
-NOISE_RULE = "xxh64(f'{seed}:{index}') -> torch.Generator(cpu).manual_seed -> randn float32"
+NOISE_RULE = "xxh64(utf8(f'{seed}:{index}')) -> torch.Generator(cpu).manual_seed -> randn float32"
 
 
 def sample_seed(dataset_seed: int, index: int) -> int:
     """A well-mixed 63-bit seed for sample `index` (neighbouring samples get unrelated streams)."""
-    return xxhash.xxh64_intdigest(f"{dataset_seed}:{index}") & 0x7FFF_FFFF_FFFF_FFFF
+    return xxhash.xxh64_intdigest(f"{dataset_seed}:{index}".encode()) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def sample_noise(dataset_seed: int, index: int, shape: tuple[int, ...]) -> torch.Tensor:

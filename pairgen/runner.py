@@ -72,7 +72,7 @@ def _ensure_ray(num_cpus: int | None = None):
     return ray
 
 
-def _actor_resources(ray, config: GenerationConfig) -> tuple[float, float, int]:
+def _actor_resources(ray, config: GenerationConfig) -> tuple[float, float]:
     cluster = ray.cluster_resources()
     gpus = config.gpus_per_worker
     if gpus is None:
@@ -81,8 +81,7 @@ def _actor_resources(ray, config: GenerationConfig) -> tuple[float, float, int]:
     if cpus is None:
         # Fractional, so a pool never takes every CPU and starves the driver's own tasks.
         cpus = max(0.1, min(1.0, cluster.get("CPU", 1) / (config.workers + 1)))
-    threads = max(1, int((os.cpu_count() or 1) // config.workers)) if gpus == 0 else 1
-    return cpus, gpus, threads
+    return cpus, gpus
 
 
 class _ActorPool:
@@ -95,16 +94,15 @@ class _ActorPool:
         self.ray = ray
         self.config = config
         self.depth = depth
-        cpus, gpus, threads = _actor_resources(ray, config)
+        cpus, gpus = _actor_resources(ray, config)
         self._remote = ray.remote(ShardGenerator).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0,
                                                           max_task_retries=0)
-        self._threads = threads
         self.actors = [self._new() for _ in range(config.workers)]
         self.load = [0] * config.workers
         self.replaced = 0
 
     def _new(self):
-        return self._remote.remote(self.config.model_dump(), self._threads)
+        return self._remote.remote(self.config.model_dump(), self.config.threads_per_worker)
 
     def free_slot(self) -> int | None:
         best = min(range(len(self.actors)), key=lambda i: self.load[i])
