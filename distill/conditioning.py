@@ -1,0 +1,154 @@
+"""Text conditioning for the student, the discriminators and the frozen teacher, in one place.
+
+A batch either carries stored text embeddings (`prompt_embeds`, and for SDXL-type UNets
+`pooled_prompt_embeds`, optionally `add_time_ids`) or only the prompts; then the teacher's own
+`encode_prompt` runs (frozen, no grad), so the embeddings match what the teacher's pipeline
+would have used when it made the pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class ConditioningError(ValueError):
+    """A batch whose text conditioning cannot be built; the message names the field."""
+
+
+@dataclass
+class Conditioning:
+    """Everything a diffusers UNet2DConditionModel needs besides the sample and the timestep."""
+
+    prompt_embeds: torch.Tensor  # [B, L, D]
+    pooled: torch.Tensor | None = None  # [B, P] (SDXL-type UNets only)
+    time_ids: torch.Tensor | None = None  # [B, 6] (SDXL-type UNets only)
+
+    def unet_kwargs(self) -> dict:
+        kwargs: dict = {"encoder_hidden_states": self.prompt_embeds}
+        if self.pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return kwargs
+
+    def summary_vector(self) -> torch.Tensor:
+        """One vector per sample for heads conditioned on text.
+
+        SDXL-type teachers have a pooled embedding; SD1.5 has none, so we use the mean of the
+        token embeddings (the EOS position is not recoverable from stored embeddings alone)."""
+        if self.pooled is not None:
+            return self.pooled
+        return self.prompt_embeds.mean(dim=1)
+
+    def select(self, index: torch.Tensor | slice) -> Conditioning:
+        return Conditioning(
+            self.prompt_embeds[index],
+            None if self.pooled is None else self.pooled[index],
+            None if self.time_ids is None else self.time_ids[index],
+        )
+
+    def cat(self, other: Conditioning) -> Conditioning:
+        def _cat(a, b):
+            return None if a is None else torch.cat([a, b.to(a.dtype)], dim=0)
+
+        return Conditioning(
+            torch.cat([self.prompt_embeds, other.prompt_embeds], dim=0),
+            _cat(self.pooled, other.pooled),
+            _cat(self.time_ids, other.time_ids),
+        )
+
+    def to(self, dtype: torch.dtype) -> Conditioning:
+        def _to(x):
+            return None if x is None else x.to(dtype)
+
+        return Conditioning(self.prompt_embeds.to(dtype), _to(self.pooled), _to(self.time_ids))
+
+
+def needs_pooled(unet) -> bool:
+    """SDXL-type UNets take pooled text embeddings and size/crop time ids."""
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
+
+
+class TextConditioner:
+    """Builds `Conditioning` for a batch from stored embeddings or by encoding prompts."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.unet = pipe.unet
+        self.sdxl = needs_pooled(pipe.unet)
+        self.vae_scale_factor = int(getattr(pipe, "vae_scale_factor", 8))
+        self._negative: Conditioning | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def __call__(self, batch: dict, latent_hw: tuple[int, int]) -> Conditioning:
+        size = len(batch["noise"]) if "noise" in batch else len(batch["latent"])
+        if batch.get("prompt_embeds") is not None:
+            cond = self._from_stored(batch, size)
+        else:
+            prompts = batch.get("prompt")
+            if prompts is None:
+                raise ConditioningError("batch has neither 'prompt_embeds' nor 'prompt'")
+            if len(prompts) != size:
+                raise ConditioningError(f"batch field 'prompt' has {len(prompts)} prompts for {size} samples")
+            cond = self.encode(list(prompts))
+        if self.sdxl and cond.time_ids is None:
+            cond.time_ids = self.time_ids(size, latent_hw, cond.prompt_embeds.dtype)
+        return cond
+
+    def _from_stored(self, batch: dict, size: int) -> Conditioning:
+        embeds = batch["prompt_embeds"].to(self.device)
+        if embeds.shape[0] != size:
+            raise ConditioningError(f"batch field 'prompt_embeds' has {embeds.shape[0]} rows for {size} samples")
+        pooled = batch.get("pooled_prompt_embeds")
+        if self.sdxl and pooled is None:
+            raise ConditioningError(
+                "teacher UNet takes pooled text embeddings (SDXL-type) but the batch has 'prompt_embeds' "
+                "without 'pooled_prompt_embeds'"
+            )
+        time_ids = batch.get("add_time_ids")
+        return Conditioning(
+            embeds,
+            pooled.to(self.device) if (self.sdxl and pooled is not None) else None,
+            time_ids.to(self.device) if (self.sdxl and time_ids is not None) else None,
+        )
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """The teacher pipeline's own prompt encoding (frozen text encoders, no CFG)."""
+        if getattr(self.pipe, "text_encoder", None) is None and getattr(self.pipe, "text_encoder_2", None) is None:
+            raise ConditioningError(
+                "batch has no 'prompt_embeds' and the teacher has no text encoder to encode 'prompt'"
+            )
+        out = self.pipe.encode_prompt(
+            prompt=prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        if self.sdxl:
+            return Conditioning(out[0], out[2])
+        return Conditioning(out[0])
+
+    def negative(self, size: int, latent_hw: tuple[int, int]) -> Conditioning:
+        """Unconditional embeddings for classifier-free guidance, as the teacher pipeline makes them."""
+        if self._negative is None:
+            if self.sdxl and getattr(self.pipe.config, "force_zeros_for_empty_prompt", False):
+                pos = self.encode([""])
+                neg = Conditioning(torch.zeros_like(pos.prompt_embeds), torch.zeros_like(pos.pooled))
+            else:
+                neg = self.encode([""])
+            self._negative = neg
+        neg = self._negative
+        cond = Conditioning(
+            neg.prompt_embeds.expand(size, -1, -1),
+            None if neg.pooled is None else neg.pooled.expand(size, -1),
+        )
+        if self.sdxl:
+            cond.time_ids = self.time_ids(size, latent_hw, cond.prompt_embeds.dtype)
+        return cond
+
+    def time_ids(self, size: int, latent_hw: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """SDXL micro-conditioning as the pipeline's default: original = target = image size, no crop."""
+        h, w = (int(s) * self.vae_scale_factor for s in latent_hw)
+        ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=dtype, device=self.device)
+        return ids.expand(size, -1)

@@ -1,0 +1,177 @@
+"""Diffusion2GAN discriminator: a trainable copy of the teacher UNet with readout heads.
+
+Parts (each switchable, for the paper's ablation):
+- text through the UNet's own cross-attention (and pooled text / time ids for SDXL-type UNets);
+- z conditioning: the generator's input noise through a zero-initialised conv added to conv_in's output;
+- multi-scale input: the judged latent, resized, added to each down block's input through
+  zero-initialised convs;
+- readout heads at every decoder scale: before the skip connection (the decoder feature entering
+  the up block), at it (the concatenation of decoder and skip features, i.e. the first resnet's
+  input) and after it (the block's output before upsampling).
+Zero initialisation keeps the backbone's activations equal to the teacher's at step 0.
+The UNet's conv_norm_out / conv_out are dropped: nothing reads them, and unused parameters would
+get no gradient (and break DDP without find_unused_parameters).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from distill.conditioning import Conditioning
+from distill.discriminators.heads import ReadoutHead
+from distill.discriminators.unet_probe import dummy_conditioning, probe_size
+
+HEAD_POINTS = ("before", "skip", "after")
+
+
+def _zero_conv(in_ch: int, out_ch: int) -> nn.Conv2d:
+    conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+class D2GDiscriminator(nn.Module):
+    def __init__(
+        self,
+        teacher_unet: nn.Module,
+        *,
+        z_conditioning: bool = True,
+        multiscale: bool = True,
+        readout_heads: bool = True,
+        head_points: tuple[str, ...] = HEAD_POINTS,
+        timestep: int = 0,
+        head_hidden: int = 64,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        bad = [p for p in head_points if p not in HEAD_POINTS]
+        if bad:
+            raise ValueError(f"unknown d2g head points {bad}; choose from {HEAD_POINTS}")
+        self.unet = copy.deepcopy(teacher_unet).float().train().requires_grad_(True)
+        self.unet.conv_norm_out = None
+        self.unet.conv_out = nn.Identity()
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.timestep = int(timestep)
+        self.z_conditioning = z_conditioning
+        self.multiscale = multiscale
+        in_ch = self.unet.config.in_channels
+        # Readout taps: every decoder scale at the chosen points, or only the decoder's final output
+        # (the "plain diffusion-UNet discriminator" ablation row).
+        n_up = len(self.unet.up_blocks)
+        if readout_heads:
+            self.tap_names = [f"up{i}.{p}" for i in range(n_up) for p in head_points]
+        else:
+            self.tap_names = [f"up{n_up - 1}.after"]
+        self._ctx: dict | None = None
+        self.z_conv: nn.Module | None = None  # built after probing the plain UNet's shapes
+        self.ms_convs: nn.ModuleList | None = None
+        self._install_hooks()
+        shapes = self._probe_shapes()
+        self.z_conv = _zero_conv(in_ch, self.unet.conv_in.out_channels) if z_conditioning else None
+        self.ms_convs = (
+            nn.ModuleList([_zero_conv(in_ch, shapes[f"down{i}.in"][0]) for i in range(len(self.unet.down_blocks))])
+            if multiscale
+            else None
+        )
+        self.heads = nn.ModuleDict(
+            {name.replace(".", "_"): ReadoutHead(shapes[name][0], head_hidden) for name in self.tap_names}
+        )
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def _install_hooks(self) -> None:
+        unet = self.unet
+        unet.conv_in.register_forward_hook(self._conv_in_hook)
+        for i, block in enumerate(unet.down_blocks):
+            block.register_forward_pre_hook(self._down_pre_hook(i), with_kwargs=True)
+        for i, block in enumerate(unet.up_blocks):
+            block.register_forward_pre_hook(self._record_kwarg(f"up{i}.before"), with_kwargs=True)
+            block.resnets[0].register_forward_pre_hook(self._record_arg(f"up{i}.skip"))
+            if getattr(block, "upsamplers", None):
+                block.upsamplers[0].register_forward_pre_hook(self._record_arg(f"up{i}.after"))
+            else:
+                block.register_forward_hook(self._record_output(f"up{i}.after"))
+
+    def _conv_in_hook(self, module, args, output):
+        ctx = self._ctx
+        if ctx is None or ctx.get("z") is None or self.z_conv is None:
+            return None
+        return output + self.z_conv(ctx["z"].to(output.dtype))
+
+    def _down_pre_hook(self, index: int):
+        def hook(module, args, kwargs):
+            ctx = self._ctx
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            if ctx is None:
+                return None
+            ctx["shapes"][f"down{index}.in"] = tuple(hidden.shape[1:])
+            if self.ms_convs is None:
+                return None
+            x = ctx["latent"]
+            if x.shape[-2:] != hidden.shape[-2:]:
+                x = F.interpolate(x, size=hidden.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
+            hidden = hidden + self.ms_convs[index](x.to(hidden.dtype))
+            if "hidden_states" in kwargs:
+                return args, {**kwargs, "hidden_states": hidden}
+            return (hidden,) + tuple(args[1:]), kwargs
+
+        return hook
+
+    def _store(self, name: str, tensor: torch.Tensor) -> None:
+        ctx = self._ctx
+        if ctx is not None:
+            ctx["features"][name] = tensor
+            ctx["shapes"][name] = tuple(tensor.shape[1:])
+
+    def _record_kwarg(self, name: str):
+        def hook(module, args, kwargs):
+            self._store(name, kwargs.get("hidden_states", args[0] if args else None))
+
+        return hook
+
+    def _record_arg(self, name: str):
+        def hook(module, args):
+            self._store(name, args[0])
+
+        return hook
+
+    def _record_output(self, name: str):
+        def hook(module, args, output):
+            self._store(name, output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+    # -- forward ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _probe_shapes(self) -> dict:
+        size = probe_size(self.unet)
+        param = next(self.unet.parameters())
+        x = torch.zeros(1, self.unet.config.in_channels, size, size, device=param.device)
+        self._ctx = {"latent": x, "z": None, "features": {}, "shapes": {}}
+        try:
+            self.unet(x, torch.zeros(1, dtype=torch.long), **dummy_conditioning(self.unet).unet_kwargs())
+            return dict(self._ctx["shapes"])
+        finally:
+            self._ctx = None
+
+    def forward(
+        self, latent: torch.Tensor, cond: Conditioning, z: torch.Tensor | None = None, return_features: bool = False
+    ):
+        """Real/fake logits, one column per readout head: [B, n_heads] (float32)."""
+        if self.z_conditioning and z is None:
+            raise ValueError("d2g discriminator has z conditioning on but no noise 'z' was given")
+        dtype = next(self.unet.parameters()).dtype
+        timesteps = torch.full((latent.shape[0],), self.timestep, device=latent.device, dtype=torch.long)
+        self._ctx = {"latent": latent, "z": z, "features": {}, "shapes": {}}
+        try:
+            self.unet(latent.to(dtype), timesteps, **cond.to(dtype).unet_kwargs())
+            features = self._ctx["features"]
+        finally:
+            self._ctx = None
+        logits = torch.stack([self.heads[n.replace(".", "_")](features[n]) for n in self.tap_names], dim=1)
+        return (logits, features) if return_features else logits
