@@ -244,7 +244,7 @@ class _ChunkReader:
         self.members = self.members or ["json"]
         self.decoder = Decoder(ds.manifest.schema)
         self.indexes: OrderedDict[str, ShardIndex] = OrderedDict()
-        self.bad: set[str] = set()
+        self.unreadable: set[str] = set()
 
     def _index(self, shard) -> ShardIndex:
         sidx = self.indexes.get(shard.name)
@@ -269,7 +269,9 @@ class _ChunkReader:
             self.indexes.popitem(last=False)
         return sidx
 
-    def read(self, order: EpochOrder, q: int, p: int, n: int):
+    def read(self, order: EpochOrder, q: int, p: int, n: int) -> list:
+        """Items for positions [q, q+n): ("sample", dict) in position order, and ("skip", shard,
+        positions) for what could not be read when on_corrupt="skip"."""
         L = order.list_indices(p, n)
         shard_ids, rows = order.locate(L)
         by_shard: dict[int, list[int]] = {}
@@ -277,29 +279,34 @@ class _ChunkReader:
             by_shard.setdefault(s, []).append(j)
         samples: list = [None] * n
         skipped = []
+        skip = self.ds.on_corrupt == "skip"
         for s, js in by_shard.items():
             shard = self.ds.manifest.shards[s]
+            url = self.store.shard_url(shard.name)
             shard_rows = [int(rows[j]) for j in js]
+            bad: list | None = [] if skip else None
             try:
-                if shard.name in self.bad:
-                    raise CorruptShardError(shard.name, self.store.shard_url(shard.name), "already found corrupt")
+                if shard.name in self.unreadable:
+                    raise CorruptShardError(shard.name, url, "unreadable (see the first error)")
                 sidx = self._index(shard)
                 start, end = sidx.byte_range(shard_rows, self.members)
                 if end > shard.tar_bytes:
-                    raise CorruptShardError(shard.name, self.store.shard_url(shard.name), "index points past the tar's end")
-                buf = fetch_range(self.store.fs, self.store._tar_path(shard.name), self.store.shard_url(shard.name),
-                                  shard.name, start, end)
-                got = decode_rows(buf, start, sidx, shard_rows, self.fields, self.decoder,
-                                  self.store.shard_url(shard.name), self.ds.verify_hashes)
+                    raise CorruptShardError(shard.name, url, "index points past the tar's end")
+                buf = fetch_range(self.store.fs, self.store._tar_path(shard.name), url, shard.name, start, end)
+                got = decode_rows(buf, start, sidx, shard_rows, self.fields, self.decoder, url, self.ds.verify_hashes, bad)
             except CorruptShardError:
-                if self.ds.on_corrupt == "raise":
+                # The shard cannot be read at all (missing, truncated, bad index): skip all of it.
+                if not skip:
                     raise
-                self.bad.add(shard.name)
+                self.unreadable.add(shard.name)
                 skipped.append((shard.name, [q + j for j in js]))
                 continue
+            if bad:  # individual samples failed their hashes: skip just those
+                skipped.append((shard.name, [q + js[k] for k, _ in bad]))
             for j, sample in zip(js, got):
-                sample["_position"] = q + j
-                samples[j] = sample
-        out = [("skip", name, pos) for name, pos in skipped]
+                if sample is not None:
+                    sample["_position"] = q + j
+                    samples[j] = sample
+        out: list = [("skip", name, pos) for name, pos in skipped]
         out += [("sample", smp) for smp in samples if smp is not None]
         return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
 import posixpath
 import re
 import threading
@@ -39,13 +40,22 @@ class PairStore:
         if version is not None:
             raise StoreError(f"PairStore takes a root URL without @v{version}; pass version= to manifest()/get()")
         self.url = root
-        self.fs: fsspec.AbstractFileSystem
-        self.fs, self.root = filesystem(root, storage_options)
+        self._storage_options = dict(storage_options or {})
+        self._fs, self.root = filesystem(root, storage_options)
+        self._pid = os.getpid()
         self._manifests: dict[int, Manifest] = {}
         self._committed_names: set[str] = set()
         self._committed_upto = 0
         self._index_cache: dict[str, object] = {}
         self._lock = threading.Lock()
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        # Async filesystems (s3fs) are not fork-safe: a forked DataLoader worker gets its own.
+        if os.getpid() != self._pid:
+            self._fs, _ = filesystem(self.url, {**self._storage_options, "skip_instance_cache": True})
+            self._pid = os.getpid()
+        return self._fs
 
     def __getstate__(self) -> dict:
         # Shipped to DataLoader workers: drop the lock and caches, keep the filesystem.

@@ -135,32 +135,45 @@ def decode_rows(
     decoder: Decoder,
     url: str,
     verify: bool = True,
-) -> list[dict]:
-    """Samples for `rows` from a buffer holding tar bytes [base, base+len(buf))."""
+    bad: list | None = None,
+) -> list[dict | None]:
+    """Samples for `rows` from a buffer holding tar bytes [base, base+len(buf)). A sample that
+    fails its checks raises CorruptShardError, or, when `bad` is a list, is appended to it as
+    (position in rows, error) and comes back as None."""
     arrays = array_members(fields)
     members = arrays + (["json"] if "json" in fields else [])
-    out = []
+    out: list[dict | None] = []
     mv = memoryview(buf)
-    for r in rows:
-        sample: dict = {"index": int(sidx.indices[r]), "key": sidx.keys[r]}
-        for m in members:
-            off = int(sidx.offsets[m][r]) - base
-            size = int(sidx.sizes[m][r])
-            if verify and xxhash.xxh3_64_hexdigest(mv[off : off + size]) != sidx.hashes[m][r]:
-                raise CorruptShardError(sidx.name, url, f"xxh3 mismatch in member {sidx.keys[r]}.{m}")
-            if m == "json":
-                sample["json"] = bytes(mv[off : off + size]).decode()
-            else:
-                try:
-                    sample[m] = decoder.decode(m, buf, off, size, f"shard {sidx.name} ({url}), key {sidx.keys[r]!r}, field {m!r}")
-                except StoreError as exc:
-                    raise CorruptShardError(sidx.name, url, str(exc)) from exc
-        if "prompt" in fields:
-            sample["prompt"] = sidx.prompts[r]
-        if "seed" in fields:
-            sample["seed"] = int(sidx.seeds[r])
-        out.append(sample)
+    for j, r in enumerate(rows):
+        try:
+            out.append(_decode_row(mv, buf, base, sidx, r, fields, members, decoder, url, verify))
+        except CorruptShardError as exc:
+            if bad is None:
+                raise
+            bad.append((j, exc))
+            out.append(None)
     return out
+
+
+def _decode_row(mv, buf, base, sidx, r, fields, members, decoder, url, verify) -> dict:
+    sample: dict = {"index": int(sidx.indices[r]), "key": sidx.keys[r]}
+    for m in members:
+        off = int(sidx.offsets[m][r]) - base
+        size = int(sidx.sizes[m][r])
+        if verify and xxhash.xxh3_64_hexdigest(mv[off : off + size]) != sidx.hashes[m][r]:
+            raise CorruptShardError(sidx.name, url, f"xxh3 mismatch in member {sidx.keys[r]}.{m}")
+        if m == "json":
+            sample["json"] = bytes(mv[off : off + size]).decode()
+        else:
+            try:
+                sample[m] = decoder.decode(m, buf, off, size, f"key {sidx.keys[r]!r}, field {m!r}")
+            except StoreError as exc:
+                raise CorruptShardError(sidx.name, url, str(exc)) from exc
+    if "prompt" in fields:
+        sample["prompt"] = sidx.prompts[r]
+    if "seed" in fields:
+        sample["seed"] = int(sidx.seeds[r])
+    return sample
 
 
 def read_samples(fs, path: str, url: str, sidx: ShardIndex, rows: list[int], fields: list[str], schema: Schema,
