@@ -371,7 +371,7 @@ class Objective:
                 fake_feats = self._add_features(disc, fake, cond, t_d)
             if r1_on:
                 real_feats = [f.detach().requires_grad_(True) for f in real_feats]
-            feats = [torch.cat([r, f]) for r, f in zip(real_feats, fake_feats)]
+            feats = [torch.cat([r, f]) for r, f in zip(real_feats, fake_feats, strict=True)]
             text = cond.summary_vector()
             logits = self.discriminator(feats, torch.cat([t_d, t_d]), torch.cat([text, text]))
             real_logits, fake_logits = logits[:b], logits[b:]

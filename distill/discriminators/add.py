@@ -78,5 +78,5 @@ class ADDDiscriminator(nn.Module):
         dtype = next(self.heads.parameters()).dtype
         text = text.to(dtype)
         return torch.stack(
-            [self.heads[name](f, timesteps, text) for name, f in zip(self.feature_blocks, features)], dim=1
+            [self.heads[name](f, timesteps, text) for name, f in zip(self.feature_blocks, features, strict=True)], dim=1
         )
