@@ -56,9 +56,7 @@ class FrozenPerceptualLoss(nn.Module):
 
 
 def _latent_lpips(ensemble: bool) -> Callable[..., nn.Module]:
-    def build(
-        weights: str | os.PathLike | None = None, allow_random: bool = False, **kwargs
-    ) -> nn.Module:
+    def build(weights: str | os.PathLike | None = None, allow_random: bool = False, **kwargs) -> nn.Module:
         from distill.lpips.checkpoints import from_official, load_lpips
         from distill.lpips.latent_lpips import ELatentLPIPS, LatentLPIPS
 
@@ -67,7 +65,11 @@ def _latent_lpips(ensemble: bool) -> Callable[..., nn.Module]:
         if weights is not None:
             path = Path(weights)
             # Our safetensors, or an official tuned .pth file.
-            net = load_lpips(path, ensemble, **kwargs) if path.suffix == ".safetensors" else from_official(path, ensemble, **kwargs)
+            net = (
+                load_lpips(path, ensemble, **kwargs)
+                if path.suffix == ".safetensors"
+                else from_official(path, ensemble, **kwargs)
+            )
         elif allow_random:
             net = (ELatentLPIPS if ensemble else LatentLPIPS)(**kwargs)
             net.random_weights = True
@@ -112,5 +114,7 @@ def make_regression_loss(name: str, **kwargs) -> nn.Module:
     pseudo_huber: c=<float> (default 0.00054*sqrt(C*H*W)).
     """
     if name not in REGRESSION_LOSSES:
-        raise ValueError(f"unknown regression loss {name!r}; valid names: {', '.join(sorted(REGRESSION_LOSSES))}")
+        raise ValueError(
+            f"unknown regression loss {name!r}; valid names: {', '.join(sorted(REGRESSION_LOSSES))}"
+        )
     return REGRESSION_LOSSES[name](**kwargs)

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from distill.lpips import CheckpointError, ELatentLPIPS, LatentLPIPS, LatentVGG16BN, load_lpips, save_lpips
-from distill.lpips.checkpoints import from_official, load_official_trunk, load_official_tuned, load_trunk_into, save_trunk
+from distill.lpips.checkpoints import (
+    from_official,
+    load_official_trunk,
+    load_official_tuned,
+    load_trunk_into,
+    save_trunk,
+)
 
 # torchvision vgg16_bn `features` layout, written out independently of distill.lpips.trunk:
 # (conv index, in, out); batch norm sits at conv index + 1; taps end the slices at 5/12/22/32/42.

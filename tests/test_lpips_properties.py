@@ -112,7 +112,9 @@ def test_normalize_applies_the_vae_scaling_to_raw_latents():
     with torch.no_grad():
         assert torch.allclose(on_raw(raw, other), on_scaled(raw * 0.18215, other * 0.18215), rtol=1e-5)
     sd3 = LatentLPIPS(16, WIDTH, normalize=True, vae="sd3")
-    assert torch.allclose(sd3.prepare(torch.ones(1, 16, 2, 2)), torch.full((1, 16, 2, 2), (1 - 0.0609) * 1.5305))
+    assert torch.allclose(
+        sd3.prepare(torch.ones(1, 16, 2, 2)), torch.full((1, 16, 2, 2), (1 - 0.0609) * 1.5305)
+    )
 
 
 def test_bad_options_are_named():
@@ -198,3 +200,16 @@ def test_pixel_lpips_loads_local_vgg_and_head_files(tmp_path):
     assert not model.random_weights
     assert torch.equal(model.features[28].weight, vgg["features.28.weight"])
     assert torch.equal(model.lins[3].model[1].weight, heads["lin3.model.1.weight"])
+
+
+def test_constant_target_shortcut_matches_the_joint_computation():
+    # A target without gradients runs without an autograd graph; values and gradients must not change.
+    model = make(False)
+    x, y = latents(17), latents(18)
+    split_x = x.clone().requires_grad_(True)
+    model(split_x, y).sum().backward()
+    joint_x, joint_y = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    joint = model(joint_x, joint_y)
+    joint.sum().backward()
+    assert torch.allclose(model(x, y).detach(), joint.detach(), rtol=1e-5)
+    assert torch.allclose(split_x.grad, joint_x.grad, rtol=1e-4, atol=1e-7)

@@ -34,7 +34,9 @@ def validate_preset(preset: str) -> str:
         raise ValueError(f"augmentation preset must be a non-empty combination of {PRESET_LETTERS!r}")
     bad = sorted(set(preset) - set(PRESET_LETTERS))
     if bad:
-        raise ValueError(f"unknown augmentation letter(s) {bad} in preset {preset!r}; valid letters: {PRESET_LETTERS!r}")
+        raise ValueError(
+            f"unknown augmentation letter(s) {bad} in preset {preset!r}; valid letters: {PRESET_LETTERS!r}"
+        )
     return preset
 
 
@@ -57,7 +59,9 @@ def _lognormal(generator: torch.Generator | None, std: float) -> float:
     return float(torch.exp(_randn(generator, 1) * std))
 
 
-def sample_params(preset: str, height: int, width: int, generator: torch.Generator | None = None) -> AugmentParams:
+def sample_params(
+    preset: str, height: int, width: int, generator: torch.Generator | None = None
+) -> AugmentParams:
     """Draw one transform for latents of spatial size height x width."""
     validate_preset(preset)
     params = AugmentParams()
@@ -65,7 +69,11 @@ def sample_params(preset: str, height: int, width: int, generator: torch.Generat
         if letter == "b":
             flip = bool(_rand(generator, 1) < 0.5)
             # Odd quarter turns swap height and width; only square latents may take them.
-            turns = int(_rand(generator, 1) * 4) % 4 if height == width else 2 * (int(_rand(generator, 1) * 2) % 2)
+            turns = (
+                int(_rand(generator, 1) * 4) % 4
+                if height == width
+                else 2 * (int(_rand(generator, 1) * 2) % 2)
+            )
             max_dy, max_dx = max(1, height // 8), max(1, width // 8)
             dy = int(torch.randint(-max_dy, max_dy + 1, (1,), generator=generator))
             dx = int(torch.randint(-max_dx, max_dx + 1, (1,), generator=generator))
@@ -130,7 +138,9 @@ def _apply_g(x: torch.Tensor, p: dict) -> torch.Tensor:
     shift = torch.tensor([p["tx"] * w, p["ty"] * h], dtype=x.dtype, device=x.device)
     offset = centre - a @ centre + shift
     matrix = torch.cat([a, offset[:, None]], dim=1).expand(b, 2, 3)
-    return warp_affine(x, matrix, dsize=(h, w), mode="bilinear", padding_mode="reflection", align_corners=True)
+    return warp_affine(
+        x, matrix, dsize=(h, w), mode="bilinear", padding_mode="reflection", align_corners=True
+    )
 
 
 def _apply_c(x: torch.Tensor, p: dict) -> torch.Tensor:
@@ -170,7 +180,9 @@ class LatentAugment(nn.Module):
         self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if x.shape != y.shape:
-            raise ValueError(f"both inputs must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+            raise ValueError(
+                f"both inputs must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}"
+            )
         params = sample_params(self.preset, x.shape[-2], x.shape[-1], generator)
         # One pass over the concatenated batch: the same transform, half the kernel launches.
         both = apply_params(torch.cat([x, y], dim=0), params)

@@ -33,7 +33,11 @@ class RankNet(nn.Module):
         super().__init__()
         self.eps = eps
         self.net = nn.Sequential(
-            nn.Conv2d(5, hidden, 1), nn.LeakyReLU(0.2), nn.Conv2d(hidden, hidden, 1), nn.LeakyReLU(0.2), nn.Conv2d(hidden, 1, 1)
+            nn.Conv2d(5, hidden, 1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(hidden, hidden, 1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(hidden, 1, 1),
         )
 
     def forward(self, d0: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
@@ -75,7 +79,9 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     data = load_triplets(cfg.data)
     channels, width = trunk_file_shape(cfg.trunk)
     if data.ref.shape[1] != channels:
-        raise ValueError(f"triplets in {cfg.data} have {data.ref.shape[1]} channels, the trunk {cfg.trunk} takes {channels}")
+        raise ValueError(
+            f"triplets in {cfg.data} have {data.ref.shape[1]} channels, the trunk {cfg.trunk} takes {channels}"
+        )
     state = check_start(out, cfg.resume)
     run_config = {**asdict(cfg), "latent_channels": channels, "width": width}
     run_config.pop("resume")
@@ -86,10 +92,17 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     load_trunk_into(cfg.trunk, model.trunk)
     model.trunk.eval().requires_grad_(False)
     rank = RankNet()
-    optimizer = torch.optim.Adam([*model.lins.parameters(), *rank.parameters()], lr=cfg.lr, betas=(0.5, 0.999))
+    optimizer = torch.optim.Adam(
+        [*model.lins.parameters(), *rank.parameters()], lr=cfg.lr, betas=(0.5, 0.999)
+    )
     step = 0
     if state is not None:
-        check_config(state["config"], run_config, out, ignore=("steps", "log_every", "checkpoint_every", "data", "trunk"))
+        check_config(
+            state["config"],
+            run_config,
+            out,
+            ignore=("steps", "log_every", "checkpoint_every", "data", "trunk"),
+        )
         model.load_state_dict(state["model"])
         rank.load_state_dict(state["rank"])
         optimizer.load_state_dict(state["optimizer"])
@@ -111,11 +124,27 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         model.clamp_weights_()
         step += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
-            print(json.dumps({"step": step, "loss": round(loss.item(), 5), "2afc": two_afc_score(d0.detach(), d1.detach(), batch.judge), "s": round(time.time() - started, 1)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "step": step,
+                        "loss": round(loss.item(), 5),
+                        "2afc": two_afc_score(d0.detach(), d1.detach(), batch.judge),
+                        "s": round(time.time() - started, 1),
+                    }
+                ),
+                flush=True,
+            )
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             save_checkpoint(
                 out,
-                {"model": model.state_dict(), "rank": rank.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "config": run_config},
+                {
+                    "model": model.state_dict(),
+                    "rank": rank.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "step": step,
+                    "config": run_config,
+                },
             )
 
     path = out / LPIPS_FILE

@@ -124,7 +124,9 @@ def official_tuned_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
         if m := _SLICE_KEY.match(key):
             slice_no, index, rest = int(m.group(1)), int(m.group(2)), m.group(3)
             if _slice_of(index) != slice_no:
-                raise CheckpointError(f"{path}: key {raw_key!r} puts features index {index} in slice{slice_no}, expected slice{_slice_of(index)}")
+                raise CheckpointError(
+                    f"{path}: key {raw_key!r} puts features index {index} in slice{slice_no}, expected slice{_slice_of(index)}"
+                )
             ours = f"trunk.features.{index}.{rest}"
         elif m := _LIN_KEY.match(key):
             ours = f"lins.{m.group(1)}.model.1.weight"
@@ -193,12 +195,20 @@ def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: di
 
 def save_lpips(model: LatentLPIPS, path: str | os.PathLike) -> None:
     """Trunk + heads + construction metadata, written atomically."""
-    metadata = {"format": FORMAT_LPIPS, "latent_channels": str(model.latent_channels), "width": repr(model.width)}
+    metadata = {
+        "format": FORMAT_LPIPS,
+        "latent_channels": str(model.latent_channels),
+        "width": repr(model.width),
+    }
     _atomic_save_file(model.state_dict(), Path(path), metadata)
 
 
 def save_trunk(trunk: LatentVGG16BN, path: str | os.PathLike) -> None:
-    metadata = {"format": FORMAT_TRUNK, "latent_channels": str(trunk.latent_channels), "width": repr(trunk.width)}
+    metadata = {
+        "format": FORMAT_TRUNK,
+        "latent_channels": str(trunk.latent_channels),
+        "width": repr(trunk.width),
+    }
     _atomic_save_file(trunk.state_dict(), Path(path), metadata)
 
 

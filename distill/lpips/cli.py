@@ -8,13 +8,25 @@ import sys
 
 def _add_common(parser: argparse.ArgumentParser, steps: int, batch_size: int, lr: float) -> None:
     parser.add_argument("--out", required=True, help="run directory: checkpoint.pt and the exported weights")
-    parser.add_argument("--steps", type=int, default=steps, help="total optimisation steps (default %(default)s)")
+    parser.add_argument(
+        "--steps", type=int, default=steps, help="total optimisation steps (default %(default)s)"
+    )
     parser.add_argument("--batch-size", type=int, default=batch_size, help="default %(default)s")
     parser.add_argument("--lr", type=float, default=lr, help="learning rate (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="fixes batch order and dropout per step (default 0)")
-    parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default %(default)s)")
-    parser.add_argument("--log-every", type=int, default=10, help="steps between JSON log lines (default %(default)s)")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (starts fresh if there is none)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="fixes batch order and dropout per step (default 0)"
+    )
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=100, help="steps between checkpoints (default %(default)s)"
+    )
+    parser.add_argument(
+        "--log-every", type=int, default=10, help="steps between JSON log lines (default %(default)s)"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/checkpoint.pt (starts fresh if there is none)",
+    )
 
 
 def _run_train_trunk(args: argparse.Namespace) -> int:
@@ -65,7 +77,9 @@ def register(subparsers) -> None:
     _add_common(trunk, steps=1000, batch_size=64, lr=0.01)
     trunk.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default %(default)s)")
     trunk.add_argument("--weight-decay", type=float, default=1e-4, help="default %(default)s")
-    trunk.add_argument("--width", type=float, default=1.0, help="channel multiplier; 1.0 is the official architecture")
+    trunk.add_argument(
+        "--width", type=float, default=1.0, help="channel multiplier; 1.0 is the official architecture"
+    )
     trunk.set_defaults(func=_run_train_trunk)
 
     cal = sub.add_parser(

@@ -64,7 +64,9 @@ class LabelledLatentFolder:
             path, label = self.items[i]
             latent = load_latent_file(path)
             if tuple(latent.shape) != self.latent_shape:
-                raise ValueError(f"{path}: shape {tuple(latent.shape)} differs from the dataset's {self.latent_shape}")
+                raise ValueError(
+                    f"{path}: shape {tuple(latent.shape)} differs from the dataset's {self.latent_shape}"
+                )
             latents.append(latent)
             labels.append(label)
         return torch.stack(latents), torch.tensor(labels, dtype=torch.long)
@@ -101,14 +103,18 @@ def load_triplets(root: str | Path) -> Triplets:
         n = ref.shape[0]
         for key in ("p0", "p1"):
             if tensors[key].shape != ref.shape:
-                raise ValueError(f"{path}: {key!r} shape {tuple(tensors[key].shape)} differs from 'ref' {tuple(ref.shape)}")
+                raise ValueError(
+                    f"{path}: {key!r} shape {tuple(tensors[key].shape)} differs from 'ref' {tuple(ref.shape)}"
+                )
         judge = tensors["judge"].float().reshape(-1)
         if judge.numel() != n:
             raise ValueError(f"{path}: 'judge' has {judge.numel()} values for {n} triplets")
         if bool(((judge < 0) | (judge > 1)).any()):
             raise ValueError(f"{path}: 'judge' values must lie in [0, 1]")
         if ref.ndim != 4 or (shape is not None and tuple(ref.shape[1:]) != shape):
-            raise ValueError(f"{path}: 'ref' shape {tuple(ref.shape)} does not match the other shards' [N, *{shape}]")
+            raise ValueError(
+                f"{path}: 'ref' shape {tuple(ref.shape)} does not match the other shards' [N, *{shape}]"
+            )
         shape = tuple(ref.shape[1:])
         parts["ref"].append(ref)
         parts["p0"].append(tensors["p0"].float())

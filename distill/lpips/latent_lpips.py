@@ -17,6 +17,8 @@ weights (clamped at use, so a distance can never be negative whatever weights we
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,6 +51,26 @@ def unit_normalize(features: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     return features / (norm + eps)
 
 
+def paired_taps(
+    extract: Callable[[torch.Tensor], list[torch.Tensor]], x0: torch.Tensor, x1: torch.Tensor, separable: bool
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Features of both inputs, tap by tap.
+
+    When exactly one input needs gradients (the usual regression case: a constant target) and the
+    network treats samples independently (`separable`: no train-mode batch norm), the constant one
+    runs without an autograd graph, which halves the activations kept for backward. Otherwise one
+    concatenated batch, so train-mode batch statistics see both inputs.
+    """
+    if separable and torch.is_grad_enabled() and x0.requires_grad != x1.requires_grad:
+        live, const = (x0, x1) if x0.requires_grad else (x1, x0)
+        live_taps = extract(live)
+        with torch.no_grad():
+            const_taps = extract(const)
+        pairs = zip(live_taps, const_taps, strict=True)
+        return [(a, b) if x0.requires_grad else (b, a) for a, b in pairs]
+    return [tuple(t.chunk(2, dim=0)) for t in extract(torch.cat([x0, x1], dim=0))]
+
+
 class LinearHead(nn.Module):
     """Dropout then a bias-free 1x1 conv to one channel; weights are clamped non-negative at use.
 
@@ -57,7 +79,9 @@ class LinearHead(nn.Module):
 
     def __init__(self, channels: int, dropout: bool = True) -> None:
         super().__init__()
-        self.model = nn.Sequential(nn.Dropout(0.5) if dropout else nn.Identity(), nn.Conv2d(channels, 1, 1, bias=False))
+        self.model = nn.Sequential(
+            nn.Dropout(0.5) if dropout else nn.Identity(), nn.Conv2d(channels, 1, 1, bias=False)
+        )
         # Equal positive weights: an uncalibrated head is the plain channel sum of squared
         # differences (LPIPS's "baseline" distance), a usable loss even before calibration.
         nn.init.ones_(self.model[1].weight)
@@ -99,7 +123,9 @@ class LatentLPIPS(nn.Module):
         if vae is not None and vae not in VAE_LATENT_SCALINGS:
             raise ValueError(f"unknown vae {vae!r}; known: {sorted(VAE_LATENT_SCALINGS)}")
         if vae is not None and VAE_LATENT_CHANNELS[vae] != latent_channels:
-            raise ValueError(f"vae {vae!r} has {VAE_LATENT_CHANNELS[vae]} latent channels, got latent_channels={latent_channels}")
+            raise ValueError(
+                f"vae {vae!r} has {VAE_LATENT_CHANNELS[vae]} latent channels, got latent_channels={latent_channels}"
+            )
         self.latent_channels = latent_channels
         self.width = width
         self.l1_weight = float(l1_weight)
@@ -113,11 +139,11 @@ class LatentLPIPS(nn.Module):
 
     def feature_distance(self, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
         """Head-weighted feature distance per sample, without the L1 term."""
-        taps = self.trunk(torch.cat([x0, x1], dim=0))
+        taps = paired_taps(self.trunk, x0, x1, separable=not self.trunk.training)
         total = x0.new_zeros(x0.shape[0])
-        for feats, head in zip(taps, self.lins):
-            f0, f1 = unit_normalize(feats).chunk(2, dim=0)
-            total = total + head((f0 - f1) ** 2).mean(dim=(1, 2, 3))
+        for (f0, f1), head in zip(taps, self.lins, strict=True):
+            diff = unit_normalize(f0) - unit_normalize(f1)
+            total = total + head(diff * diff).mean(dim=(1, 2, 3))
         return total
 
     def _check(self, x0: torch.Tensor, x1: torch.Tensor) -> None:
@@ -150,7 +176,9 @@ class ELatentLPIPS(LatentLPIPS):
         super().__init__(*args, **kwargs)
         self.augmenter = LatentAugment(augment) if augment else None
 
-    def forward(self, x0: torch.Tensor, x1: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(
+        self, x0: torch.Tensor, x1: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         self._check(x0, x1)
         x0, x1 = self.prepare(x0), self.prepare(x1)
         l1 = (x0 - x1).abs().mean(dim=(1, 2, 3)) if self.l1_weight else None

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .checkpoints import CheckpointError, _assign, _torch_load
-from .latent_lpips import LinearHead, unit_normalize
+from .latent_lpips import LinearHead, paired_taps, unit_normalize
 
 # torchvision vgg16 (no batch norm) features: conv/relu pairs with pools at 4, 9, 16, 23, 30.
 _VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -53,7 +53,9 @@ class PixelLPIPS(nn.Module):
         self.lins = nn.ModuleList(LinearHead(c) for c in PIXEL_TAP_CHANNELS)
         self.register_buffer("shift", torch.tensor(_SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(_SCALE).view(1, 3, 1, 1), persistent=False)
-        missing = [name for name, p in (("vgg_weights", vgg_weights), ("lpips_weights", lpips_weights)) if p is None]
+        missing = [
+            name for name, p in (("vgg_weights", vgg_weights), ("lpips_weights", lpips_weights)) if p is None
+        ]
         if missing and not allow_random:
             raise ValueError(
                 f"pixel LPIPS needs local weight files ({', '.join(missing)} not given); "
@@ -61,7 +63,9 @@ class PixelLPIPS(nn.Module):
             )
         self.random_weights = bool(missing)
         if missing:
-            warnings.warn(f"PixelLPIPS uses RANDOM weights for {missing}: distances are meaningless", stacklevel=2)
+            warnings.warn(
+                f"PixelLPIPS uses RANDOM weights for {missing}: distances are meaningless", stacklevel=2
+            )
         if vgg_weights is not None:
             self._load_vgg(Path(vgg_weights))
         if lpips_weights is not None:
@@ -84,20 +88,23 @@ class PixelLPIPS(nn.Module):
                 mapped[f"{key[3]}.model.1.weight"] = value
         _assign(self.lins, mapped, {k: f"lin{k[0]}.model.1.weight" for k in self.lins.state_dict()}, path)
 
-    def forward(self, img0: torch.Tensor, img1: torch.Tensor) -> torch.Tensor:
-        x = (torch.cat([img0, img1], dim=0) - self.shift) / self.scale
-        total = img0.new_zeros(img0.shape[0])
-        tap_iter = iter(zip(PIXEL_TAPS, self.lins))
-        tap, head = next(tap_iter)
+    def taps(self, img: torch.Tensor) -> list[torch.Tensor]:
+        x = (img - self.shift) / self.scale
+        out = []
         for index, layer in enumerate(self.features):
             x = layer(x)
-            if index == tap:
-                f0, f1 = unit_normalize(x).chunk(2, dim=0)
-                total = total + head((f0 - f1) ** 2).mean(dim=(1, 2, 3))
-                nxt = next(tap_iter, None)
-                if nxt is None:
+            if index in PIXEL_TAPS:
+                out.append(x)
+                if index == PIXEL_TAPS[-1]:
                     break
-                tap, head = nxt
+        return out
+
+    def forward(self, img0: torch.Tensor, img1: torch.Tensor) -> torch.Tensor:
+        total = img0.new_zeros(img0.shape[0])
+        pairs = paired_taps(self.taps, img0, img1, separable=True)  # no batch norm in VGG16
+        for (f0, f1), head in zip(pairs, self.lins, strict=True):
+            diff = unit_normalize(f0) - unit_normalize(f1)
+            total = total + head(diff * diff).mean(dim=(1, 2, 3))
         return total
 
 

@@ -40,7 +40,9 @@ def check_start(run_dir: Path, resume: bool) -> dict | None:
     """The checkpoint to resume from; refuses to overwrite a run unless --resume was given."""
     state = load_checkpoint(run_dir)
     if state is not None and not resume:
-        raise FileExistsError(f"{run_dir / CHECKPOINT_NAME} exists: pass --resume to continue it, or choose another --out")
+        raise FileExistsError(
+            f"{run_dir / CHECKPOINT_NAME} exists: pass --resume to continue it, or choose another --out"
+        )
     return state
 
 
@@ -50,4 +52,6 @@ def check_config(saved: dict, current: dict, run_dir: Path, ignore: tuple[str, .
         if key in ignore:
             continue
         if key in saved and saved[key] != value:
-            raise ValueError(f"{run_dir}: option {key!r} was {saved[key]!r} in the checkpoint, now {value!r}; resume with the same value")
+            raise ValueError(
+                f"{run_dir}: option {key!r} was {saved[key]!r} in the checkpoint, now {value!r}; resume with the same value"
+            )

@@ -56,10 +56,14 @@ def train_trunk(cfg: TrunkTrainConfig) -> Path:
 
     torch.manual_seed(cfg.seed)  # the initial weights are part of what --seed fixes
     model = LatentClassifier(data.latent_shape[0], len(data.classes), cfg.width)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
     step = 0
     if state is not None:
-        check_config(state["config"], run_config, out, ignore=("steps", "log_every", "checkpoint_every", "data"))
+        check_config(
+            state["config"], run_config, out, ignore=("steps", "log_every", "checkpoint_every", "data")
+        )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
@@ -79,9 +83,27 @@ def train_trunk(cfg: TrunkTrainConfig) -> Path:
         step += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
             accuracy = float((logits.argmax(1) == labels).float().mean())
-            print(json.dumps({"step": step, "loss": round(loss.item(), 5), "acc": accuracy, "s": round(time.time() - started, 1)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "step": step,
+                        "loss": round(loss.item(), 5),
+                        "acc": accuracy,
+                        "s": round(time.time() - started, 1),
+                    }
+                ),
+                flush=True,
+            )
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save_checkpoint(out, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "config": run_config})
+            save_checkpoint(
+                out,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "step": step,
+                    "config": run_config,
+                },
+            )
 
     path = out / TRUNK_FILE
     save_trunk(model.trunk, path)

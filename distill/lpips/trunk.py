@@ -28,7 +28,9 @@ def scaled_channels(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
-def build_vgg16_bn_features(in_channels: int, width: float = 1.0, pools_removed: int = NUM_POOLS_REMOVED) -> nn.Sequential:
+def build_vgg16_bn_features(
+    in_channels: int, width: float = 1.0, pools_removed: int = NUM_POOLS_REMOVED
+) -> nn.Sequential:
     layers: list[nn.Module] = []
     channels = in_channels
     pools_seen = 0
