@@ -18,19 +18,20 @@ API for the trainer (see `Objective`):
     d_loss, logs = obj.discriminator_loss(batch, step)
 The trainer may replace `obj.generator` / `obj.discriminator` by DDP wrappers: generator_loss runs
 the generator through the attribute (so DDP syncs it) and the discriminator unwrapped with its
-parameters frozen; discriminator_loss does the opposite.
+parameters frozen (requires_grad False, left so until the next discriminator_loss call, so a
+checkpointed D recomputes identically in backward); discriminator_loss unfreezes the
+discriminator, runs it through the attribute, and the generator unwrapped under no_grad.
+Call backward on each loss before calling the other loss function.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from distill.conditioning import Conditioning, TextConditioner
 from distill.discriminators.add import ADDDiscriminator
@@ -128,20 +129,14 @@ def _unwrap(module: nn.Module | None) -> nn.Module | None:
     return getattr(module, "module", module)  # DDP / FSDP-style wrappers
 
 
-@contextlib.contextmanager
-def _frozen(module: nn.Module | None):
-    """Temporarily stop parameter gradients (the other player's step builds no graph for them)."""
-    if module is None:
-        yield
-        return
-    params = [p for p in module.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
+def _set_trainable(module: nn.Module | None, flag: bool) -> None:
+    """Phase switch for the discriminator. generator_loss turns its parameters off and leaves them
+    off until the next discriminator_loss: the flags must stay unchanged until backward, because a
+    gradient-checkpointed discriminator recomputes its forward during backward and must see the
+    same requires_grad state (and the G step then builds no D parameter gradients at all)."""
+    if module is not None:
+        for p in module.parameters():
+            p.requires_grad_(flag)
 
 
 def _check_finite(term: str, value: torch.Tensor, step: int) -> None:
@@ -323,12 +318,12 @@ class Objective:
             terms["regression"] = c.regression_weight * self.regression(fake, latent).float().mean()
         disc = _unwrap(self.discriminator)
         if disc is not None and c.lambda_gan > 0:
-            with _frozen(disc):
-                if isinstance(disc, D2GDiscriminator):
-                    logits = disc(fake, cond, z=x_in)
-                else:
-                    t_d = self._disc_timesteps(fake.shape[0])
-                    logits = disc(self._add_features(disc, fake, cond, t_d), t_d, cond.summary_vector())
+            _set_trainable(disc, False)
+            if isinstance(disc, D2GDiscriminator):
+                logits = disc(fake, cond, z=x_in)
+            else:
+                t_d = self._disc_timesteps(fake.shape[0])
+                logits = disc(self._add_features(disc, fake, cond, t_d), t_d, cond.summary_vector())
             terms["gan"] = c.lambda_gan * self._gan_g(logits)
         if c.lambda_sd > 0:
             terms["score_distillation"] = c.lambda_sd * self._score_distillation(fake, cond)
@@ -353,6 +348,7 @@ class Objective:
         b = latent.shape[0]
         r1_on = c.r1_gamma > 0 and step % c.r1_every == 0
         disc = _unwrap(self.discriminator)
+        _set_trainable(disc, True)
         terms: dict[str, torch.Tensor] = {}
         if isinstance(disc, D2GDiscriminator):
             logits = self.discriminator(torch.cat([latent, fake]), cond.cat(cond), z=torch.cat([x_in, x_in]))
@@ -360,10 +356,10 @@ class Objective:
             if r1_on:
                 n = min(c.r1_samples, b)
                 x = latent[:n].detach().requires_grad_(True)
-                # Fused attention kernels have no double backward; the math kernel does.
-                with sdpa_kernel(SDPBackend.MATH):
+                with disc.double_backward_safe():
                     r1_logits = self.discriminator(x, cond.select(slice(0, n)), z=x_in[:n])
-                terms["r1"] = 0.5 * c.r1_gamma * c.r1_every * r1_penalty(r1_logits.mean(dim=1), x).mean()
+                    penalty = r1_penalty(r1_logits.mean(dim=1), x).mean()
+                terms["r1"] = 0.5 * c.r1_gamma * c.r1_every * penalty
         else:
             t_d = self._disc_timesteps(b)
             with torch.no_grad():

@@ -15,11 +15,13 @@ get no gradient (and break DDP without find_unused_parameters).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from distill.conditioning import Conditioning
 from distill.discriminators.heads import ReadoutHead
@@ -145,6 +147,21 @@ class D2GDiscriminator(nn.Module):
             self._store(name, output[0] if isinstance(output, tuple) else output)
 
         return hook
+
+    @contextlib.contextmanager
+    def double_backward_safe(self):
+        """For R1: fused attention kernels have no double backward, and a checkpointed block would
+        be recomputed outside this context with another kernel; R1 runs on a single sample, so
+        dropping checkpointing for it costs little memory."""
+        checkpointing = self.unet.is_gradient_checkpointing
+        if checkpointing:
+            self.unet.disable_gradient_checkpointing()
+        try:
+            with sdpa_kernel(SDPBackend.MATH):
+                yield
+        finally:
+            if checkpointing:
+                self.unet.enable_gradient_checkpointing()
 
     # -- forward ---------------------------------------------------------------------------------
     @torch.no_grad()
