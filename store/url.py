@@ -30,8 +30,13 @@ def parse_url(url: str) -> tuple[str, int | None]:
 
 def filesystem(root: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and the protocol-less root path for a dataset root URL."""
+    options = dict(storage_options or {})
+    if "://" in root and not root.startswith(("file://", "memory://")):
+        # Other processes (pairgen actors, other writers) add files under the root all the time;
+        # a cached listing would make fresh files look missing (s3fs consults it even in cat()).
+        options.setdefault("use_listings_cache", False)
     try:
-        fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+        fs, path = fsspec.core.url_to_fs(root, **options)
     except (ImportError, ValueError) as exc:
         raise StoreError(f"cannot open dataset root {root!r}: {exc}") from exc
     return fs, path.rstrip("/")
