@@ -95,8 +95,11 @@ class _ActorPool:
         self.config = config
         self.depth = depth
         cpus, gpus = _actor_resources(ray, config)
-        self._remote = ray.remote(ShardGenerator).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0,
-                                                          max_task_retries=0)
+        # D2G_FAULT_* variables (test-only fault injection) follow the driver into its actors.
+        faults = {k: v for k, v in os.environ.items() if k.startswith("D2G_FAULT_")}
+        self._remote = ray.remote(ShardGenerator).options(
+            num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0,
+            runtime_env={"env_vars": faults} if faults else None)
         self.actors = [self._new() for _ in range(config.workers)]
         self.load = [0] * config.workers
         self.replaced = 0

@@ -17,10 +17,13 @@ from pairgen.worker import CRASH_ENV
 from store import FingerprintMismatch, PairStore
 
 
+PROMPTS = "a red circle\na blue square\na green cat\n\na red square\n"
+
+
 @pytest.fixture
 def prompt_file(tmp_path) -> str:
     path = tmp_path / "prompts.txt"
-    path.write_text("a red circle\na blue square\na green cat\n\na red square\n")
+    path.write_text(PROMPTS)
     return str(path)
 
 
@@ -36,38 +39,39 @@ def _shard_hashes(url: str, version: int | None = None) -> dict[str, tuple]:
     return {s.name: (s.num_samples, s.tar_xxh3, s.index_xxh3) for s in manifest.shards}
 
 
-def test_one_and_two_workers_write_identical_shards(ray_local, sd15_teacher, prompt_file, root_url):
-    one = PairgenRun(_config(sd15_teacher, prompt_file, root_url + "-w1"), progress=False).run()
-    two = PairgenRun(_config(sd15_teacher, prompt_file, root_url + "-w2", workers=2), progress=False).run()
-    assert one.pairs_generated == two.pairs_generated == 10
-    assert one.version == two.version == 1
-    a, b = _shard_hashes(root_url + "-w1"), _shard_hashes(root_url + "-w2")
-    assert list(a) == ["shard-000000", "shard-000001", "shard-000002-p000002"]
-    assert a == b
-    # The short last shard is named by its count, and the dataset resolves every index.
-    st = PairStore(root_url + "-w1")
-    assert st.manifest().num_pairs == 10
-    sample = st.get(index=9)
-    assert sample["prompt"] == "a blue square"  # prompt 9 % 4 of the 4 non-empty prompts
+@pytest.fixture(scope="module")
+def clean16(ray_local, sd15_teacher, tmp_path_factory) -> dict:
+    """Shard hashes of an uninterrupted one-worker run of 16 pairs: what every other run must equal."""
+    folder = tmp_path_factory.mktemp("clean")
+    prompts = folder / "prompts.txt"
+    prompts.write_text(PROMPTS)
+    out = str(folder / "ds")
+    PairgenRun(_config(sd15_teacher, str(prompts), out, num_pairs=16), progress=False).run()
+    return _shard_hashes(out)
 
 
-def test_rerun_skips_done_work_and_extension_adds_a_version(ray_local, sd15_teacher, prompt_file, tmp_path):
-    out = str(tmp_path / "ds")
-    first = PairgenRun(_config(sd15_teacher, prompt_file, out), progress=False).run()
-    again = PairgenRun(_config(sd15_teacher, prompt_file, out), progress=False).run()
+def test_two_workers_write_the_same_bytes_as_one(clean16, sd15_teacher, prompt_file, root_url):
+    summary = PairgenRun(_config(sd15_teacher, prompt_file, root_url, num_pairs=16, workers=2), progress=False).run()
+    assert summary.pairs_generated == 16 and summary.version == 1
+    assert list(clean16) == ["shard-000000", "shard-000001", "shard-000002", "shard-000003"]
+    assert _shard_hashes(root_url) == clean16
+
+
+def test_rerun_skips_done_work_and_extension_adds_a_version(clean16, sd15_teacher, prompt_file, root_url):
+    first = PairgenRun(_config(sd15_teacher, prompt_file, root_url), progress=False).run()
+    assert sorted(_shard_hashes(root_url)) == ["shard-000000", "shard-000001", "shard-000002-p000002"]
+    st = PairStore(root_url)
+    assert st.get(index=9)["prompt"] == "a blue square"  # prompt 9 % 4 of the 4 non-empty prompts
+    again = PairgenRun(_config(sd15_teacher, prompt_file, root_url), progress=False).run()
     assert again.shards_generated == [] and again.shards_reused == 3 and again.version == first.version
-    bigger = PairgenRun(_config(sd15_teacher, prompt_file, out, num_pairs=16), progress=False).run()
+    bigger = PairgenRun(_config(sd15_teacher, prompt_file, root_url, num_pairs=16), progress=False).run()
     # The short shard 2 becomes a full shard under its own name; shard 3 is new; 0 and 1 are reused.
     assert sorted(bigger.shards_generated) == ["shard-000002", "shard-000003"]
-    st = PairStore(out)
     assert st.versions() == [1, 2]
     latest = st.manifest(2)
     assert latest.parent == 1 and latest.num_pairs == 16
-    assert _shard_hashes(out, 1)["shard-000000"] == _shard_hashes(out, 2)["shard-000000"]
     assert st.manifest(1).num_pairs == 10, "the old version is untouched"
-    clean = PairgenRun(_config(sd15_teacher, prompt_file, str(tmp_path / "clean"), num_pairs=16), progress=False).run()
-    assert clean.version == 1
-    assert _shard_hashes(out) == _shard_hashes(str(tmp_path / "clean"))
+    assert _shard_hashes(root_url) == clean16
 
 
 def test_refusals_name_the_setting(ray_local, sd15_teacher, prompt_file, tmp_path):
@@ -89,31 +93,18 @@ def test_commit_every_makes_intermediate_versions(ray_local, sd15_teacher, promp
     assert [st.manifest(v).parent for v in (1, 2, 3)] == [None, 1, 2]
 
 
-def test_worker_killed_mid_shard_is_retried(ray_local, sd15_teacher, prompt_file, tmp_path, monkeypatch):
-    clean = str(tmp_path / "clean")
-    PairgenRun(_config(sd15_teacher, prompt_file, clean), progress=False).run()
+def test_worker_killed_mid_shard_is_retried(clean16, sd15_teacher, prompt_file, tmp_path, monkeypatch):
     marker = tmp_path / "crashed"
     # The actor process exits hard after the first batch of shard 1, as a dying node would.
     monkeypatch.setenv(CRASH_ENV, f"1:1:{marker}")
     out = str(tmp_path / "faulty")
-    config = _config(sd15_teacher, prompt_file, out, workers=2)
-    run = PairgenRun(config, progress=False)
-    import ray
-
-    ray.shutdown()  # actors must inherit the fault-injection variable: restart the local Ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        summary = run.run()
-    finally:
-        monkeypatch.delenv(CRASH_ENV)
-        ray.shutdown()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    summary = PairgenRun(_config(sd15_teacher, prompt_file, out, num_pairs=16, workers=2), progress=False).run()
     assert marker.exists(), "the fault was injected"
     assert summary.retries >= 1 and summary.actors_replaced >= 1
-    assert _shard_hashes(out) == _shard_hashes(clean)
+    assert _shard_hashes(out) == clean16
 
 
-def test_driver_killed_then_rerun_equals_clean_run(sd15_teacher, prompt_file, tmp_path):
+def test_driver_killed_then_rerun_equals_clean_run(clean16, sd15_teacher, prompt_file, tmp_path):
     """The whole `pairgen run` process gets SIGKILL after its second shard; the same command,
     re-run, finishes the dataset without regenerating any finished shard."""
     out = str(tmp_path / "ds")
@@ -131,9 +122,10 @@ def test_driver_killed_then_rerun_equals_clean_run(sd15_teacher, prompt_file, tm
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = json.loads(resumed.stdout)
     assert not set(summary["shards_generated"]) & done_before, "no finished shard is generated twice"
-    clean = str(tmp_path / "clean")
-    PairgenRun(_config(sd15_teacher, prompt_file, clean, num_pairs=16), progress=False).run()
-    assert _shard_hashes(out) == _shard_hashes(clean)
+    assert _shard_hashes(out) == clean16
+    status = subprocess.run([args[0], "status", out, "--json"], capture_output=True, text=True, check=True)
+    status = json.loads(status.stdout)
+    assert status["shards_pending"] == 0 and status["committed_pairs"] == 16 and status["shards_uncommitted"] == 0
 
 
 def test_sdxl_teacher_with_embeddings_and_trajectory(ray_local, sdxl_teacher, prompt_file, root_url):
