@@ -1,0 +1,32 @@
+"""Memory options: gradient checkpointing of G and D (including R1's double backward) under bf16 autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from objective_helpers import PROMPTS
+
+from distill.objectives import ObjectiveConfig, make_objective
+
+
+@pytest.mark.parametrize("name", ["d2g", "add"])
+def test_checkpointing_and_bf16_autocast(name, sdxl_teacher):
+    from pairgen.teacher import load_teacher
+
+    pipe = load_teacher(str(sdxl_teacher))
+    obj = make_objective(name, pipe, ObjectiveConfig(regression_loss="mse", gradient_checkpointing=True))
+    assert obj.generator.unet.is_gradient_checkpointing
+    if name == "d2g":
+        assert obj.discriminator.unet.is_gradient_checkpointing
+    batch = {"noise": torch.randn(4, 4, 8, 8), "latent": torch.randn(4, 4, 8, 8), "prompt": PROMPTS}
+    for step in (0, 1):  # step 0 runs R1
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            d_loss, d_logs = obj.discriminator_loss(batch, step)
+        d_loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            g_loss, _ = obj.generator_loss(batch, step)
+        g_loss.backward()
+        assert d_loss.dtype == g_loss.dtype == torch.float32
+    assert "d/r1" in obj.discriminator_loss(batch, 0)[1]
+    assert all(p.grad is not None for p in obj.generator.parameters())
+    assert all(p.grad is not None for p in obj.discriminator.parameters())
