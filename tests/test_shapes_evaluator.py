@@ -36,15 +36,16 @@ def test_diversity_is_zero_for_copies_and_positive_for_spread():
 
 
 def test_evaluator_stage_resumes_exactly(tmp_path):
-    def run(workdir, steps, resume):
+    def run(workdir, *extra):
         train.main(["--stage", "evaluator", "--workdir", str(workdir), "--out", str(workdir / "out"),
-                    "--steps", str(steps), "--checkpoint-every", "2", "--threads", "1", "--check-items", "50"]
-                   + (["--resume"] if resume else []))
+                    "--steps", "4", "--checkpoint-every", "1", "--threads", "1", "--check-items", "50", *extra])
         return load_file(workdir / "out" / "evaluator" / ev.WEIGHTS_NAME)
 
-    straight = run(tmp_path / "a", 4, False)
-    run(tmp_path / "b", 2, False)
-    resumed = run(tmp_path / "b", 4, True)
+    straight = run(tmp_path / "a")
+    train.main(["--stage", "evaluator", "--workdir", str(tmp_path / "b"), "--out", str(tmp_path / "b" / "out"),
+                "--steps", "4", "--threads", "1", "--stop-after", "2"])
+    assert not (tmp_path / "b" / "out" / "evaluator").exists()  # interrupted: nothing exported
+    resumed = run(tmp_path / "b", "--resume")
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert torch.load(tmp_path / "b" / "evaluator.ckpt", weights_only=True)["step"] == 4

@@ -49,6 +49,19 @@ def _step_generator(seed: int, stage: str, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + STAGES.index(stage) * 100_000_007 + step)
 
 
+def _cosine(step: int, steps: int, floor: float = 0.05, warmup: int = 100) -> float:
+    """LR multiplier: linear warm-up, cosine decay to `floor`. A pure function of the step, so a
+    resumed run (with the same --steps) follows exactly the same schedule."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -61,22 +74,27 @@ def _load_checkpoint(path: Path, resume: bool):
     return None
 
 
-def _loop(stage: str, steps: int, start: int, step_fn, save_fn, every: int) -> dict:
-    """Run step_fn(step) -> loss for start..steps-1 with a progress bar, checkpointing every `every`."""
+def _loop(stage: str, steps: int, start: int, step_fn, save_fn, every: int, stop_after: int | None = None) -> dict:
+    """Run step_fn(step) -> loss for start..steps-1 with a progress bar, checkpointing every `every`.
+
+    `stop_after` ends the run early at that step (checkpoint saved, schedule still sized for `steps`),
+    as an interruption would; the summary then says stopped_early and the stage does not export."""
+    end = min(steps, stop_after) if stop_after else steps
     t0, losses = time.time(), []
-    bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, mininterval=5, file=sys.stdout)
+    bar = tqdm(range(start, end), desc=stage, initial=start, total=steps, mininterval=5, file=sys.stdout)
     for step in bar:
         loss = step_fn(step)
         losses.append(loss)
         if (step + 1) % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-        if (step + 1) % every == 0 or step + 1 == steps:
+        if (step + 1) % every == 0 or step + 1 == end:
             save_fn(step + 1)
             print(f"[{stage}] step {step + 1}/{steps} loss(last 50) "
                   f"{sum(losses[-50:]) / max(1, len(losses[-50:])):.4f} checkpoint saved", flush=True)
     bar.close()
     seconds = time.time() - t0
-    summary = {"stage": stage, "steps": steps, "started_at_step": start, "seconds": round(seconds, 1),
+    summary = {"stage": stage, "steps": steps, "started_at_step": start, "ended_at_step": max(start, end),
+               "stopped_early": end < steps, "seconds": round(seconds, 1),
                "final_loss": sum(losses[-100:]) / max(1, len(losses[-100:])) if losses else None}
     print(f"[{stage}] summary: {json.dumps(summary)}", flush=True)
     return summary
@@ -103,9 +121,7 @@ def train_evaluator(args) -> dict:
     held = bs // 4
 
     def step_fn(step: int) -> float:
-        # Cosine decay to 5%, a pure function of the step so a resumed run matches exactly.
-        for group in opt.param_groups:
-            group["lr"] = LR["evaluator"] * (0.05 + 0.475 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+        _set_lr(opt, LR["evaluator"] * _cosine(step, steps, warmup=0))
         images, _, attrs = world.batch(EVALUATOR_WORLD_SEED, step * bs, bs - held, "train")
         h_images, _, h_attrs = world.batch(EVALUATOR_WORLD_SEED, step * held, held, "heldout")
         x = torch.cat([world.to_tensor(images), world.to_tensor(h_images)])
@@ -121,7 +137,9 @@ def train_evaluator(args) -> dict:
     def save_fn(step: int) -> None:
         _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt_path)
 
-    summary = _loop("evaluator", steps, start, step_fn, save_fn, args.checkpoint_every)
+    summary = _loop("evaluator", steps, start, step_fn, save_fn, args.checkpoint_every, args.stop_after)
+    if summary["stopped_early"]:
+        return summary
     model.eval()
     config = {"widths": [32, 64, 128], "feature_dim": 128,
               "attributes": {k: list(v) for k, v in world.ATTRIBUTES.items()},
@@ -151,6 +169,7 @@ def train_vae(args) -> dict:
     vae.train()
 
     def step_fn(step: int) -> float:
+        _set_lr(opt, LR["vae"] * _cosine(step, steps))
         images, _, _ = world.batch(TRAIN_WORLD_SEED, step * bs, bs, "train")
         x = world.to_tensor(images)
         posterior = vae.encode(x).latent_dist
@@ -167,7 +186,9 @@ def train_vae(args) -> dict:
     def save_fn(step: int) -> None:
         _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt_path)
 
-    summary = _loop("vae", steps, start, step_fn, save_fn, args.checkpoint_every)
+    summary = _loop("vae", steps, start, step_fn, save_fn, args.checkpoint_every, args.stop_after)
+    if summary["stopped_early"]:
+        return summary
     vae.eval().save_pretrained(args.workdir / "vae", safe_serialization=True)
     return summary
 
@@ -261,7 +282,9 @@ def train_unet(args) -> dict:
         _atomic_save({"model": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                       "step": step}, ckpt_path)
 
-    summary = _loop("unet", steps, start, step_fn, save_fn, args.checkpoint_every)
+    summary = _loop("unet", steps, start, step_fn, save_fn, args.checkpoint_every, args.stop_after)
+    if summary["stopped_early"]:
+        return summary
     export_teacher(args, ema, scale)
     return summary
 
@@ -296,6 +319,9 @@ def parse_args(argv=None):
     p.add_argument("--export-only", action="store_true",
                    help="unet stage: write the pipeline from the checkpoint's EMA weights without training "
                         "(safe while a training run is writing checkpoints: they are replaced atomically)")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop at this step with a checkpoint and no export (an interruption on purpose); "
+                        "continue later with --resume")
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--latent-items", type=int, default=LATENT_ITEMS)
     p.add_argument("--check-items", type=int, default=2000,
