@@ -47,6 +47,7 @@ class RunSummary:
     pairs_generated: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
+    worker_seconds: float = 0.0
     retries: int = 0
     actors_replaced: int = 0
     truncated_prompts: int = 0
@@ -58,6 +59,10 @@ class RunSummary:
         data = dict(self.__dict__)
         data["pairs_per_second"] = self.pairs_generated / self.seconds if self.seconds else 0.0
         data["pairs_per_second_per_worker"] = data["pairs_per_second"] / max(self.workers, 1)
+        # Throughput while an actor is busy with a shard (solve + overlapped write), i.e. without
+        # actor start-up and teacher loading: the figure to compare with a bare loop.
+        data["pairs_per_busy_worker_second"] = (self.pairs_generated / self.worker_seconds
+                                                if self.worker_seconds else 0.0)
         return data
 
 
@@ -223,6 +228,7 @@ class PairgenRun:
                     done[info.name] = info
                     self.summary.shards_generated.append(info.name)
                     self.summary.pairs_generated += result["samples"]
+                    self.summary.worker_seconds += result["seconds"]
                     self.summary.bytes_written += info.tar_bytes + info.index_bytes
                     self.summary.truncated_prompts += result["truncated"]
                     bar.update(result["samples"])
