@@ -3,7 +3,7 @@ equal per-rank counts, background read-ahead and exact mid-epoch resume (see doc
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 
 import xxhash
@@ -208,25 +208,31 @@ class PairDataset(IterableDataset):
             self._complete_epoch(epoch)
 
     def _stream(self, order: EpochOrder, intervals):
-        """Samples for `intervals` in position order, fetched `read_ahead` chunks ahead."""
+        """Items for `intervals` in position order. Byte ranges are fetched on background threads
+        `read_ahead` chunks ahead; index parsing and decoding stay on this thread (pyarrow driven
+        from pool threads can abort the interpreter at exit when an iterator is abandoned)."""
         reader = _ChunkReader(self)
         chunks = order.chunks(intervals)
         if self.read_ahead == 0:
             for q, p, n in chunks:
-                yield from reader.read(order, q, p, n)
+                plan = reader.plan(order, q, p, n)
+                yield from reader.finish(plan, reader.fetch(plan))
             return
         pool = ThreadPoolExecutor(max_workers=self.read_ahead, thread_name_prefix="pair-read-ahead")
-        inflight = []
+        window: deque = deque()
         try:
             for q, p, n in chunks:
-                inflight.append(pool.submit(lambda q=q, p=p, n=n: list(reader.read(order, q, p, n))))
-                if len(inflight) > self.read_ahead:
-                    yield from inflight.pop(0).result()
-            while inflight:
-                yield from inflight.pop(0).result()
+                plan = reader.plan(order, q, p, n)
+                window.append((plan, pool.submit(reader.fetch, plan)))
+                if len(window) > self.read_ahead:
+                    plan, fut = window.popleft()
+                    yield from reader.finish(plan, fut.result())
+            while window:
+                plan, fut = window.popleft()
+                yield from reader.finish(plan, fut.result())
         finally:
-            for f in inflight:
-                f.cancel()
+            for _, fut in window:
+                fut.cancel()
             pool.shutdown(wait=False, cancel_futures=True)
 
     def stats(self) -> dict:
@@ -269,22 +275,18 @@ class _ChunkReader:
             self.indexes.popitem(last=False)
         return sidx
 
-    def read(self, order: EpochOrder, q: int, p: int, n: int) -> list:
-        """Items for positions [q, q+n): ("sample", dict) in position order, and ("skip", shard,
-        positions) for what could not be read when on_corrupt="skip"."""
+    def plan(self, order: EpochOrder, q: int, p: int, n: int) -> dict:
+        """Which rows of which shards positions [q, q+n) need, with each shard's index loaded."""
         L = order.list_indices(p, n)
         shard_ids, rows = order.locate(L)
         by_shard: dict[int, list[int]] = {}
         for j, s in enumerate(shard_ids.tolist()):
             by_shard.setdefault(s, []).append(j)
-        samples: list = [None] * n
-        skipped = []
-        skip = self.ds.on_corrupt == "skip"
+        groups = []
         for s, js in by_shard.items():
             shard = self.ds.manifest.shards[s]
             url = self.store.shard_url(shard.name)
             shard_rows = [int(rows[j]) for j in js]
-            bad: list | None = [] if skip else None
             try:
                 if shard.name in self.unreadable:
                     raise CorruptShardError(shard.name, url, "unreadable (see the first error)")
@@ -292,8 +294,40 @@ class _ChunkReader:
                 start, end = sidx.byte_range(shard_rows, self.members)
                 if end > shard.tar_bytes:
                     raise CorruptShardError(shard.name, url, "index points past the tar's end")
-                buf = fetch_range(self.store.fs, self.store._tar_path(shard.name), url, shard.name, start, end)
-                got = decode_rows(buf, start, sidx, shard_rows, self.fields, self.decoder, url, self.ds.verify_hashes, bad)
+                groups.append({"shard": shard, "url": url, "js": js, "rows": shard_rows, "sidx": sidx, "range": (start, end)})
+            except CorruptShardError as exc:
+                groups.append({"shard": shard, "url": url, "js": js, "rows": shard_rows, "error": exc})
+        return {"q": q, "n": n, "groups": groups}
+
+    def fetch(self, plan: dict) -> list:
+        """The planned byte ranges (or the error for each); pure I/O, safe on a pool thread."""
+        out = []
+        for g in plan["groups"]:
+            if "error" in g:
+                out.append(g["error"])
+                continue
+            try:
+                start, end = g["range"]
+                out.append(fetch_range(self.store.fs, self.store._tar_path(g["shard"].name), g["url"], g["shard"].name, start, end))
+            except CorruptShardError as exc:
+                out.append(exc)
+        return out
+
+    def finish(self, plan: dict, bufs: list) -> list:
+        """Items for the plan's positions: ("sample", dict) in position order, and ("skip", shard,
+        positions) for what could not be read when on_corrupt="skip"."""
+        q, n = plan["q"], plan["n"]
+        samples: list = [None] * n
+        skipped = []
+        skip = self.ds.on_corrupt == "skip"
+        for g, buf in zip(plan["groups"], bufs):
+            shard, js = g["shard"], g["js"]
+            bad: list | None = [] if skip else None
+            try:
+                if isinstance(buf, CorruptShardError):
+                    raise buf
+                got = decode_rows(buf, g["range"][0], g["sidx"], g["rows"], self.fields, self.decoder, g["url"],
+                                  self.ds.verify_hashes, bad)
             except CorruptShardError:
                 # The shard cannot be read at all (missing, truncated, bad index): skip all of it.
                 if not skip:

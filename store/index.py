@@ -80,6 +80,8 @@ def read_meta(data: bytes, where: str) -> dict:
 
 def read_table(data: bytes, where: str) -> pa.Table:
     try:
-        return pq.read_table(io.BytesIO(data))
+        # use_threads=False: pyarrow thread pools started from our reader threads can abort the
+        # process at interpreter exit; index files are small, so one thread is plenty.
+        return pq.read_table(io.BytesIO(data), use_threads=False)
     except Exception as exc:
         raise StoreError(f"{where}: not a readable Parquet index ({exc})") from exc

@@ -7,7 +7,6 @@ import json
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 import xxhash
 
 from . import index as index_mod
@@ -18,7 +17,9 @@ from .schema import BF16, Schema, parse_npy_header
 META_FIELDS = ("prompt", "seed", "json")
 
 
-def torch_dtype(name: str) -> torch.dtype:
+def torch_dtype(name: str):
+    import torch  # lazily: the CLI and random-index lookups never need torch
+
     if name == BF16:
         return torch.bfloat16
     return torch.from_numpy(np.empty(0, dtype=np.dtype(name))).dtype
@@ -100,30 +101,33 @@ class Decoder:
 
     def __init__(self, schema: Schema):
         self.schema = schema
-        self._headers: dict[str, tuple[bytes, torch.dtype, tuple[int, ...]]] = {}
+        self._headers: dict[str, tuple] = {}
 
-    def decode(self, fieldname: str, buf: bytearray, off: int, size: int, where: str) -> torch.Tensor:
+    def decode(self, fieldname: str, buf: bytearray, off: int, size: int, where: str):
+        import torch
+
         cached = self._headers.get(fieldname)
-        if cached is not None and buf[off : off + len(cached[0])] == cached[0]:
-            hdr, dtype, shape = cached
-            hlen = len(hdr)
-        else:
-            try:
-                hlen, np_dtype, shape = parse_npy_header(memoryview(buf)[off : off + min(size, 4096)])
-            except (StoreError, ValueError) as exc:
-                raise StoreError(f"{where}: bad .npy header ({exc})") from exc
-            spec = self.schema.fields[fieldname]
-            if np_dtype != spec.storage_dtype():
-                raise StoreError(f"{where}: stored dtype {np_dtype} does not match the schema's {spec.dtype}")
-            dtype = torch_dtype(spec.dtype)
-            self._headers[fieldname] = (bytes(buf[off : off + hlen]), dtype, shape)
-        n = size - hlen
-        count = int(np.prod(shape)) if shape else 1
-        if n != count * torch.empty(0, dtype=dtype).element_size():
-            raise StoreError(f"{where}: .npy payload is {n} bytes, expected {list(shape)} x {dtype}")
+        if cached is None or buf[off : off + len(cached[0])] != cached[0]:
+            cached = self._parse(fieldname, buf, off, size, where)
+        hdr, dtype, shape, count, nbytes = cached
+        if size - len(hdr) != nbytes:
+            raise StoreError(f"{where}: .npy payload is {size - len(hdr)} bytes, expected {list(shape)} x {dtype}")
         if count == 0:
             return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype, count=count, offset=off + hlen).view(shape)
+        return torch.frombuffer(buf, dtype=dtype, count=count, offset=off + len(hdr)).view(shape)
+
+    def _parse(self, fieldname: str, buf: bytearray, off: int, size: int, where: str) -> tuple:
+        try:
+            hlen, np_dtype, shape = parse_npy_header(memoryview(buf)[off : off + min(size, 4096)])
+        except (StoreError, ValueError) as exc:
+            raise StoreError(f"{where}: bad .npy header ({exc})") from exc
+        spec = self.schema.fields[fieldname]
+        if np_dtype != spec.storage_dtype():
+            raise StoreError(f"{where}: stored dtype {np_dtype} does not match the schema's {spec.dtype}")
+        count = int(np.prod(shape)) if shape else 1
+        cached = (bytes(buf[off : off + hlen]), torch_dtype(spec.dtype), shape, count, count * np_dtype.itemsize)
+        self._headers[fieldname] = cached
+        return cached
 
 
 def decode_rows(

@@ -1,0 +1,141 @@
+"""`store` command line: versions, info, verify, head. Errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import StoreError
+from .pairstore import PairStore
+from .url import parse_url
+
+
+def _open(url: str) -> tuple[PairStore, int | None]:
+    root, version = parse_url(url)
+    return PairStore(root), version
+
+
+def cmd_versions(args) -> int:
+    st, _ = _open(args.url)
+    rows = []
+    for v in st.versions():
+        m = st.manifest(v)
+        rows.append({"version": v, "parent": m.parent, "created": m.created, "num_pairs": m.num_pairs,
+                     "num_shards": m.num_shards, "bytes": m.bytes})
+    if not rows and not st.fs.exists(st.root):
+        raise StoreError(f"{st.url}: no such dataset root")
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        for r in rows:
+            parent = "-" if r["parent"] is None else f"v{r['parent']}"
+            print(f"v{r['version']}\t{r['created']}\tparent={parent}\tpairs={r['num_pairs']}\tshards={r['num_shards']}\tbytes={r['bytes']}")
+        if not rows:
+            print(f"{st.url}: no committed versions")
+    return 0
+
+
+def cmd_info(args) -> int:
+    st, version = _open(args.url)
+    m = st.manifest(version)
+    info = {
+        "url": f"{st.url}@v{m.version}",
+        "version": m.version,
+        "parent": m.parent,
+        "created": m.created,
+        "toolkit_version": m.toolkit_version,
+        "num_pairs": m.num_pairs,
+        "num_shards": m.num_shards,
+        "bytes": m.bytes,
+        "fingerprint": m.fingerprint,
+        "schema": m.schema.to_dict(),
+        "extra": m.extra,
+    }
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        for k, v in info.items():
+            print(f"{k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from tqdm import tqdm
+
+    from .verify import verify_version
+
+    st, version = _open(args.url)
+    m = st.manifest(version)
+    total = sum(s.tar_bytes for s in m.shards)
+    with tqdm(total=total, unit="B", unit_scale=True, file=sys.stderr, disable=None, desc="verify") as bar:
+        problems = verify_version(st, m, deep=args.deep, jobs=args.jobs, progress=bar.update)
+    if args.json:
+        print(json.dumps({"url": f"{st.url}@v{m.version}", "version": m.version, "deep": args.deep,
+                          "ok": not problems, "num_shards": m.num_shards, "num_pairs": m.num_pairs,
+                          "bad": [{"shard": p.shard, "reason": p.reason} for p in problems]}, indent=1))
+    else:
+        for p in problems:
+            print(f"BAD {p.shard}: {p.reason}")
+        status = "OK" if not problems else f"FAILED: {len(problems)} bad shard(s)"
+        print(f"{st.url}@v{m.version}: {m.num_shards} shards, {m.num_pairs} pairs checked"
+              f"{' (deep)' if args.deep else ''}: {status}")
+    return 1 if problems else 0
+
+
+def cmd_head(args) -> int:
+    st, version = _open(args.url)
+    m = st.manifest(version)
+    rows = []
+    for s in m.shards:
+        if len(rows) >= args.n:
+            break
+        sidx = st._shard_index(s.name)
+        for r in range(min(len(sidx), args.n - len(rows))):
+            rows.append({"index": int(sidx.indices[r]), "key": sidx.keys[r], "seed": int(sidx.seeds[r]),
+                         "prompt": sidx.prompts[r], "shard": s.name})
+    if args.json:
+        print(json.dumps(rows, indent=1, ensure_ascii=False))
+    else:
+        for r in rows:
+            print(f"{r['index']}\t{r['key']}\t{r['shard']}\tseed={r['seed']}\t{r['prompt']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="store", description="Inspect and verify d2g pair datasets (URL or URL@vN).")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, fn, helptext in (
+        ("versions", cmd_versions, "list committed versions"),
+        ("info", cmd_info, "summary of a version (latest by default)"),
+        ("verify", cmd_verify, "check every shard of a version; exit 1 if anything is wrong"),
+        ("head", cmd_head, "first samples of a version"),
+    ):
+        sp = sub.add_parser(name, help=helptext)
+        sp.add_argument("url", help="dataset root (path, file://, s3://, ...), optionally @vN")
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        sp.set_defaults(fn=fn)
+        if name == "verify":
+            sp.add_argument("--deep", action="store_true", help="also decode every array and check per-sample hashes")
+            sp.add_argument("--jobs", type=int, default=4, help="shards checked in parallel (default 4)")
+        if name == "head":
+            sp.add_argument("-n", type=int, default=5, help="number of samples (default 5)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one clear line for humans and scripts, never a traceback
+        msg = str(exc) or type(exc).__name__
+        if not isinstance(exc, StoreError):
+            msg = f"{type(exc).__name__}: {msg}"
+        print(f"store: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
