@@ -12,6 +12,7 @@ import xxhash
 from . import index as index_mod
 from .errors import CorruptShardError, StoreError
 from .schema import BF16, Schema, parse_npy_header
+from .url import is_local
 
 # Fields that come from the index (or the json member) rather than from an .npy member.
 META_FIELDS = ("prompt", "seed", "json")
@@ -84,6 +85,8 @@ def array_members(fields: list[str]) -> list[str]:
 
 def fetch_range(fs, path: str, url: str, shard: str, start: int, end: int) -> bytearray:
     """Bytes [start, end) of a shard's tar, as a writable buffer tensors can share."""
+    if is_local(fs):
+        return _read_local(path, url, shard, start, end)
     try:
         data = fs.cat_file(path, start=start, end=end)
     except FileNotFoundError:
@@ -93,6 +96,28 @@ def fetch_range(fs, path: str, url: str, shard: str, start: int, end: int) -> by
     if len(data) != end - start:
         raise CorruptShardError(shard, url, f"truncated: wanted bytes {start}-{end}, got {len(data)}")
     return bytearray(data)
+
+
+def _read_local(path: str, url: str, shard: str, start: int, end: int) -> bytearray:
+    # Straight into the buffer the tensors will share: no intermediate bytes object to copy.
+    buf = bytearray(end - start)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            f.seek(start)
+            view = memoryview(buf)
+            got = 0
+            while got < len(buf):
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+    except FileNotFoundError:
+        raise CorruptShardError(shard, url, "tar file missing") from None
+    except OSError as exc:
+        raise CorruptShardError(shard, url, f"read failed: {exc}") from exc
+    if got != len(buf):
+        raise CorruptShardError(shard, url, f"truncated: wanted bytes {start}-{end}, got {got}")
+    return buf
 
 
 class Decoder:
