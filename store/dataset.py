@@ -320,7 +320,7 @@ class _ChunkReader:
         samples: list = [None] * n
         skipped = []
         skip = self.ds.on_corrupt == "skip"
-        for g, buf in zip(plan["groups"], bufs):
+        for g, buf in zip(plan["groups"], bufs, strict=True):
             shard, js = g["shard"], g["js"]
             bad: list | None = [] if skip else None
             try:
@@ -337,7 +337,7 @@ class _ChunkReader:
                 continue
             if bad:  # individual samples failed their hashes: skip just those
                 skipped.append((shard.name, [q + js[k] for k, _ in bad]))
-            for j, sample in zip(js, got):
+            for j, sample in zip(js, got, strict=True):
                 if sample is not None:
                     sample["_position"] = q + j
                     samples[j] = sample

@@ -182,7 +182,7 @@ class PairStore:
         paths = [self._index_path(n) for n in names]
         blobs = self.fs.cat(paths, on_error="return")
         out: dict[str, ShardInfo] = {}
-        for n, p in zip(names, paths):
+        for n, p in zip(names, paths, strict=True):
             data = blobs.get(p) if isinstance(blobs, dict) else None
             if not isinstance(data, bytes):
                 continue
@@ -282,7 +282,7 @@ class PairStore:
             tars = self._list("shards")
             paths = [self._index_path(s.name) for s in new]
             blobs = self.fs.cat(paths, on_error="return")
-            for s, p in zip(new, paths):
+            for s, p in zip(new, paths, strict=True):
                 data = blobs.get(p)
                 if not isinstance(data, bytes):
                     raise StoreError(f"cannot commit shard {s.name}: its index {self.url}/index/{s.name}.parquet is missing")

@@ -95,7 +95,7 @@ def to_storage_array(arr, spec: FieldSpec, where: str) -> np.ndarray:
     if got != spec.dtype:
         raise StoreError(f"{where}: dtype {got} does not match the schema's {spec.dtype}")
     shape = tuple(arr.shape)
-    if len(shape) != len(spec.shape) or any(s is not None and s != g for s, g in zip(spec.shape, shape)):
+    if len(shape) != len(spec.shape) or any(s is not None and s != g for s, g in zip(spec.shape, shape, strict=True)):
         raise StoreError(f"{where}: shape {list(shape)} does not match the schema's {list(spec.shape)}")
     if not isinstance(arr, np.ndarray):
         import torch

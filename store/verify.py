@@ -40,9 +40,9 @@ def verify_version(
         for b in range(0, len(m.shards), batch):
             shards = m.shards[b : b + batch]
             prepared = _check_indexes(st, m.schema, shards, deep)
-            todo = [(s, chk) for s, chk in zip(shards, prepared) if not isinstance(chk, Problem)]
-            found = {s.name: chk for s, chk in zip(shards, prepared) if isinstance(chk, Problem)}
-            for s, res in zip([t[0] for t in todo], pool.map(lambda t: _verify_tar(st, t[0], t[1], tick), todo)):
+            todo = [(s, chk) for s, chk in zip(shards, prepared, strict=True) if not isinstance(chk, Problem)]
+            found = {s.name: chk for s, chk in zip(shards, prepared, strict=True) if isinstance(chk, Problem)}
+            for s, res in zip([t[0] for t in todo], pool.map(lambda t: _verify_tar(st, t[0], t[1], tick), todo), strict=True):
                 if res is not None:
                     found[s.name] = res
             problems += [found[s.name] for s in shards if s.name in found]
@@ -57,7 +57,7 @@ def _check_indexes(st: PairStore, schema: Schema, shards, deep: bool) -> list:
     paths = [st._index_path(s.name) for s in shards]
     blobs = st.fs.cat(paths, on_error="return")
     out: list = []
-    for s, p in zip(shards, paths):
+    for s, p in zip(shards, paths, strict=True):
         data = blobs.get(p)
         try:
             if not isinstance(data, bytes):
@@ -178,7 +178,7 @@ class _DeepChecker:
             raise _Bad(f"{where}: bad .npy header ({exc})") from None
         if dtype != spec.storage_dtype():
             raise _Bad(f"{where}: dtype {dtype} but the schema says {spec.dtype}")
-        if len(shape) != len(spec.shape) or any(a is not None and a != b for a, b in zip(spec.shape, shape)):
+        if len(shape) != len(spec.shape) or any(a is not None and a != b for a, b in zip(spec.shape, shape, strict=True)):
             raise _Bad(f"{where}: shape {list(shape)} but the schema says {list(spec.shape)}")
         if len(blob) - hlen != int(np.prod(shape)) * dtype.itemsize:
             raise _Bad(f"{where}: payload size does not match its header")

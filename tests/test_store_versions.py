@@ -86,7 +86,7 @@ def test_credentials_never_reach_a_manifest(root_url):
 
 
 def test_newer_format_version_is_refused(root_url):
-    st = make_dataset(root_url, shards=1, per_shard=1)
+    make_dataset(root_url, shards=1, per_shard=1)
     fs, path = fsspec.core.url_to_fs(root_url)
     d = json.loads(fs.cat_file(f"{path}/versions/v000001.json"))
     d.update(version=2, parent=1, format_version=2)
@@ -127,3 +127,14 @@ def test_random_access_by_index_and_key_across_versions(root_url):
         st.get(index=99)
     with pytest.raises(StoreError, match=r"unknown field\(s\) \['pixels'\]"):
         st.get(index=0, fields=["pixels"])
+
+
+def test_any_fsspec_filesystem_memory():
+    import uuid
+
+    url = f"memory://store-test-{uuid.uuid4().hex[:8]}/pairs"
+    st = make_dataset(url, shards=2, per_shard=2)
+    with pytest.raises(VersionConflict):
+        st.commit(st.manifest().shards, None)
+    assert PairStore(url).get(index=3)["key"] == "000000000003"
+    assert sorted(st.complete_shards()) == ["shard-000000", "shard-000001"]
