@@ -12,6 +12,7 @@ import sys
 
 # (module, description) pairs; a module that is missing is skipped so partial installs still run.
 SUBCOMMAND_MODULES = [
+    "distill.commands",
     "distill.lpips.cli",
 ]
 
@@ -41,7 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2
-    return int(args.func(args) or 0)
+    from distill.checkpoint import CheckpointError
+    from distill.objectives import ObjectiveError
+    from distill.train_config import TrainConfigError
+    from distill.trainer import TrainingStopped
+    from pairgen.teacher import TeacherError
+    from store import StoreError
+
+    try:
+        return int(args.func(args) or 0)
+    except (TrainConfigError, ObjectiveError, TeacherError, StoreError, CheckpointError, TrainingStopped) as err:
+        print(f"distill: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,75 @@
+"""Training metrics as JSON lines and TensorBoard events, in the run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tempfile
+import time
+
+import fsspec
+
+
+class MetricsWriter:
+    """Lines accumulate in memory and are written at `flush()` (each checkpoint): local runs append
+    to RUN/metrics.jsonl; object stores get the whole file rewritten (no appends on S3).
+    TensorBoard events go to RUN/tensorboard when RUN is local, else to a local temp folder."""
+
+    def __init__(self, run_url: str, enabled: bool = True):
+        self.enabled = enabled
+        self.url = run_url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.local = self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol
+        self.pending: list[str] = []
+        self.history: list[str] = []
+        self._tb = None
+        if enabled:
+            self.fs.makedirs(self.root, exist_ok=True)
+            if not self.local and self.fs.exists(self._path):
+                self.history = self.fs.cat_file(self._path).decode().splitlines(keepends=True)
+
+    @property
+    def _path(self) -> str:
+        return posixpath.join(self.root, "metrics.jsonl")
+
+    def _tensorboard(self):
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            folder = os.path.join(self.root, "tensorboard") if self.local else tempfile.mkdtemp(prefix="d2g-tb-")
+            self._tb = SummaryWriter(folder)
+        return self._tb
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        self.pending.append(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        try:
+            writer = self._tensorboard()
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    writer.add_scalar(key, value, step)
+        except ImportError:
+            pass
+
+    def write_json(self, name: str, data: dict) -> None:
+        with self.fs.open(posixpath.join(self.root, name), "w") as f:
+            json.dump(data, f, indent=2)
+
+    def read_json(self, name: str) -> dict:
+        return json.loads(self.fs.cat_file(posixpath.join(self.root, name)))
+
+    def flush(self) -> None:
+        if not self.enabled or not self.pending:
+            return
+        if self.local:
+            with self.fs.open(self._path, "a") as f:
+                f.writelines(self.pending)
+        else:
+            self.history += self.pending
+            with self.fs.open(self._path, "w") as f:
+                f.writelines(self.history)
+        self.pending = []
+        if self._tb is not None:
+            self._tb.flush()

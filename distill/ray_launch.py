@@ -1,0 +1,62 @@
+"""Run the trainer on Ray Train (TorchTrainer: one process per rank, DDP process group set up by
+Ray: gloo on CPU, NCCL on GPUs), or in this process without Ray."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from distill.train_config import TrainConfig
+from distill.trainer import Trainer, TrainSummary
+
+
+def train_in_process(config: TrainConfig, progress: bool = True) -> dict:
+    return Trainer(config).run(progress=progress).as_dict()
+
+
+def _worker_loop(config_dict: dict) -> None:
+    import ray.train
+
+    context = ray.train.get_context()
+    config = TrainConfig(**config_dict)
+    summary: TrainSummary = Trainer(config, context.get_world_rank(), context.get_world_size()).run(
+        progress=context.get_world_rank() == 0)
+    ray.train.report({"steps": summary.steps})
+
+
+def _ensure_ray(num_cpus: int | None = None):
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
+    return ray
+
+
+def train_on_ray(config: TrainConfig) -> dict:
+    ray = _ensure_ray()
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    scaling = ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
+                            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if use_gpu else {})})
+    # Ray's own storage only receives the final report; checkpoints are ours, in --out.
+    storage = os.environ.get("D2G_RAY_STORAGE") or tempfile.mkdtemp(prefix="d2g-ray-train-")
+    trainer = TorchTrainer(_worker_loop, train_loop_config=config.model_dump(mode="json"), scaling_config=scaling,
+                           run_config=RunConfig(storage_path=storage, name="distill"))
+    trainer.fit()
+    # Ray keeps only checkpoint-attached metrics; rank 0 wrote the run summary into --out.
+    from distill.metrics import MetricsWriter
+
+    return MetricsWriter(config.out, enabled=False).read_json("summary.json")
+
+
+def train(config: TrainConfig, progress: bool = True) -> dict:
+    if config.use_ray:
+        return train_on_ray(config)
+    if config.workers != 1:
+        raise ValueError("--workers > 1 needs Ray (drop --no-ray)")
+    return train_in_process(config, progress)

@@ -1,0 +1,85 @@
+"""The training config: every option of `distill train`, from YAML and/or flags, validated up front."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class TrainConfigError(ValueError):
+    """A bad option; the message names the field (and the config file, when there is one)."""
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    data: str = Field("demo-out/pairs", description="pair store URL[@vN]; without @vN a newer version is picked up at epoch boundaries")
+    teacher: str = Field("shapes", description="the teacher the pairs came from: hub id, local folder, or built-in alias")
+    out: str = Field("runs/student", description="run folder URL (local or s3://): checkpoints, metrics, previews")
+    objective: Literal["d2g", "add", "regression"] = Field("d2g", description="training objective")
+    objective_config: dict = Field(default_factory=dict, description="objective options (see distill.objectives.ObjectiveConfig), e.g. {lambda_gan: 0.1}")
+    max_steps: int = Field(1000, gt=0, description="optimiser steps to train for")
+    batch_size: int = Field(16, gt=0, description="pairs per optimiser step per worker (before accumulation)")
+    grad_accum: int = Field(1, gt=0, description="micro-batches accumulated per optimiser step")
+    lr_g: float = Field(1e-5, gt=0, description="generator learning rate (AdamW)")
+    lr_d: float = Field(1e-5, gt=0, description="discriminator learning rate (AdamW)")
+    betas: tuple[float, float] = Field((0.0, 0.99), description="AdamW betas for both optimisers (GAN-style beta1=0)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    clip_grad: float = Field(1.0, ge=0, description="gradient-norm clip for G and D (0: off)")
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA decay of the generator (0: no EMA)")
+    amp: Literal["none", "bf16", "fp16"] = Field("none", description="mixed precision: bf16 autocast, or fp16 with loss scaling")
+    compile: bool = Field(False, description="torch.compile the generator")
+    seed: int = Field(0, ge=0, description="seed of the data order and of the objective's randomness")
+    workers: int = Field(1, gt=0, description="Ray Train workers (DDP ranks); 1 with --no-ray runs in-process")
+    use_ray: bool = Field(True, description="run through Ray Train (TorchTrainer); --no-ray runs in this process")
+    use_gpu: bool | None = Field(None, description="give each worker a GPU (default: when the cluster has GPUs)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per Ray Train worker")
+    threads: int = Field(0, ge=0, description="torch CPU threads per worker (0: torch's default)")
+    data_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
+    shuffle_block: int = Field(1024, gt=0, description="samples shuffled together in the pair stream")
+    on_corrupt: Literal["raise", "skip"] = Field("raise", description="corrupt shard: stop naming it, or skip it and count it")
+    checkpoint_every: int = Field(200, gt=0, description="steps between checkpoints")
+    keep_checkpoints: int = Field(3, gt=0, description="checkpoints kept (older ones are deleted)")
+    log_every: int = Field(10, gt=0, description="steps between metric lines")
+    preview_every: int = Field(0, ge=0, description="steps between preview grids (decodes latents; 0: off)")
+    resume: bool = Field(True, description="continue from the latest complete checkpoint in --out")
+    device: str = Field("auto", description="torch device: auto, cuda, cpu")
+
+
+def load_train_config(yaml_path: str | None = None, overrides: dict | None = None) -> TrainConfig:
+    data: dict = {}
+    source = "flags"
+    if yaml_path:
+        source = yaml_path
+        try:
+            loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        except FileNotFoundError:
+            raise TrainConfigError(f"config file {yaml_path} does not exist") from None
+        except yaml.YAMLError as err:
+            raise TrainConfigError(f"config file {yaml_path} is not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise TrainConfigError(f"config file {yaml_path}: expected a mapping of option: value")
+        data.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        config = TrainConfig(**data)
+    except ValidationError as err:
+        lines = [f"{source}: option {'.'.join(map(str, e['loc']))!r}: {e['msg']} (got {e.get('input')!r})"
+                 for e in err.errors()]
+        raise TrainConfigError("\n".join(lines)) from None
+    _check_objective_config(config, source)
+    return config
+
+
+def _check_objective_config(config: TrainConfig, source: str) -> None:
+    from distill.objectives import ObjectiveConfig
+
+    try:
+        ObjectiveConfig(**config.objective_config)
+    except ValidationError as err:
+        lines = [f"{source}: option 'objective_config.{'.'.join(map(str, e['loc']))}': {e['msg']}"
+                 for e in err.errors()]
+        raise TrainConfigError("\n".join(lines)) from None

@@ -1,0 +1,332 @@
+"""The training loop: stream pairs from the store, train the student, checkpoint, resume exactly.
+
+One process per rank. Distributed runs (Ray Train sets up torch.distributed) average gradients
+with one flat all-reduce per model after backward: explicit, and indifferent to the GAN's
+switching of which parameters train in which phase. Latents are never decoded here except for
+the optional preview grid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from distill.checkpoint import CheckpointStore
+from distill.ema import EMA
+from distill.metrics import MetricsWriter
+from distill.objectives import NonFiniteLossError, make_objective
+from distill.train_config import TrainConfig
+from pairgen.teacher import load_teacher, pick_device
+from store import PairDataset, PairLoader, PairStore, parse_url
+
+WEIGHT_GROUPS = ("generator", "ema", "discriminator")
+# Test-only fault injection: the process SIGKILLs itself right after this step, as a lost node would.
+KILL_AT_STEP_ENV = "D2G_FAULT_KILL_TRAIN_AT_STEP"
+
+
+def _maybe_die(step: int) -> None:
+    if os.environ.get(KILL_AT_STEP_ENV) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainSummary:
+    out: str
+    steps: int = 0
+    resumed_from: int | None = None
+    seconds: float = 0.0
+    samples_seen: int = 0
+    last_logs: dict = field(default_factory=dict)
+    data_version: int | None = None
+    skipped_shards: dict = field(default_factory=dict)
+    rank_weight_hashes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        data = dict(self.__dict__)
+        data["steps_per_second"] = (self.steps - (self.resumed_from or 0)) / self.seconds if self.seconds else 0.0
+        return data
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _trainable(module: torch.nn.Module | None) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad] if module is not None else []
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, rank: int = 0, world_size: int = 1):
+        self.config = config
+        self.rank, self.world_size = rank, world_size
+        self.distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self._seed_everything(config.seed * 1000 + rank)
+        self.device = pick_device(config.device)
+        pipe = load_teacher(config.teacher, device=str(self.device))
+        self.pipe = pipe
+        self.objective = make_objective(config.objective, pipe, config.objective_config)
+        self.generator = self.objective.generator
+        self.discriminator = self.objective.discriminator
+        if self.distributed:
+            self._broadcast_parameters()
+        self.g_params = _trainable(self.generator)
+        self.d_params = _trainable(self.discriminator)
+        adam = dict(betas=tuple(config.betas), weight_decay=config.weight_decay)
+        self.opt_g = torch.optim.AdamW(self.g_params, lr=config.lr_g, **adam)
+        self.opt_d = torch.optim.AdamW(self.d_params, lr=config.lr_d, **adam) if self.d_params else None
+        self.ema = EMA(self.generator, config.ema_decay) if config.ema_decay > 0 else None
+        fp16 = config.amp == "fp16"
+        self.scaler_g = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self.scaler_d = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        if config.compile:
+            self.objective.generator = self.generator = torch.compile(self.generator)
+        self.checkpoints = CheckpointStore(config.out)
+        self.step = 0
+        self.summary = TrainSummary(out=config.out)
+        self.metrics = MetricsWriter(config.out, enabled=rank == 0)
+        self._open_data(config.data)
+        if config.resume and (latest := self.checkpoints.latest()) is not None:
+            self._restore(latest)
+
+    # -- setup -----------------------------------------------------------------------------------
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _broadcast_parameters(self) -> None:
+        # Every rank builds the same modules, but heads initialised at random must agree exactly.
+        for module in (self.generator, self.discriminator):
+            if module is not None:
+                for tensor in list(module.parameters()) + list(module.buffers()):
+                    dist.broadcast(tensor.data, src=0)
+
+    def _fields(self, url: str) -> list[str]:
+        root, version = parse_url(url)
+        schema = PairStore(root).manifest(version).schema
+        wanted = ["noise", "latent", "prompt"]
+        wanted += [f for f in ("prompt_embeds", "pooled_prompt_embeds") if f in schema.names]
+        return wanted
+
+    def _open_data(self, url: str) -> None:
+        c = self.config
+        self.dataset = PairDataset(url, fields=self._fields(url), seed=c.seed, shuffle_block=c.shuffle_block,
+                                   rank=self.rank, world_size=self.world_size, on_corrupt=c.on_corrupt)
+        self.loader = PairLoader(self.dataset, batch_size=c.batch_size, num_workers=c.data_workers, drop_last=True)
+        self.summary.data_version = self.dataset.version
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _gather(self, obj):
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def save_checkpoint(self) -> None:
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        all_rng = self._gather(rng)
+        all_data = self._gather(self.dataset.state_dict())
+        if self.rank == 0:
+            weights = {"generator": self.generator.state_dict()}
+            if self.ema is not None:
+                weights["ema"] = self.ema.state_dict()
+            if self.discriminator is not None:
+                weights["discriminator"] = self.discriminator.state_dict()
+            objects = {"opt_g": self.opt_g.state_dict(), "scaler_g": self.scaler_g.state_dict(),
+                       "scaler_d": self.scaler_d.state_dict(),
+                       "rng_torch": [r["torch"] for r in all_rng],
+                       "rng_cuda": [r.get("cuda") for r in all_rng if r.get("cuda") is not None]}
+            if self.opt_d is not None:
+                objects["opt_d"] = self.opt_d.state_dict()
+            state = {"step": self.step, "world_size": self.world_size, "data": all_data,
+                     "data_url": self.config.data, "data_version": self.dataset.version,
+                     "rng_python": [_python_state_to_json(r["python"]) for r in all_rng],
+                     "config": self.config.model_dump(mode="json"), "samples_seen": self.summary.samples_seen}
+            self.checkpoints.save(self.step, weights, objects, state)
+            self.checkpoints.prune(self.config.keep_checkpoints)
+        if self.distributed:
+            dist.barrier()
+
+    def _restore(self, step: int) -> None:
+        weights, objects, state = self.checkpoints.load(step, list(WEIGHT_GROUPS))
+        if state["world_size"] != self.world_size:
+            raise TrainingStopped(f"checkpoint step {step} in {self.config.out} was written by {state['world_size']} "
+                                  f"ranks; resuming with {self.world_size} is not supported yet")
+        self.generator.load_state_dict(weights["generator"])
+        if self.ema is not None and "ema" in weights:
+            self.ema.load_state_dict(weights["ema"])
+        if self.discriminator is not None and "discriminator" in weights:
+            self.discriminator.load_state_dict(weights["discriminator"])
+        self.opt_g.load_state_dict(objects["opt_g"])
+        if self.opt_d is not None and "opt_d" in objects:
+            self.opt_d.load_state_dict(objects["opt_d"])
+        # The config's learning rates win over the checkpoint's: changing them on resume is deliberate.
+        for optimizer, lr in ((self.opt_g, self.config.lr_g), (self.opt_d, self.config.lr_d)):
+            for group in optimizer.param_groups if optimizer is not None else ():
+                group["lr"] = lr
+        self.scaler_g.load_state_dict(objects["scaler_g"])
+        self.scaler_d.load_state_dict(objects["scaler_d"])
+        if state.get("data_version") != self.dataset.version:
+            root, _ = parse_url(self.config.data)
+            self._open_data(f"{root}@v{state['data_version']}")
+        self.dataset.load_state_dict(state["data"][self.rank])
+        torch.set_rng_state(objects["rng_torch"][self.rank])
+        if objects.get("rng_cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state(objects["rng_cuda"][self.rank])
+        random.setstate(_python_state_from_json(state["rng_python"][self.rank]))
+        self.step = state["step"]
+        self.summary.resumed_from = step
+        self.summary.samples_seen = state.get("samples_seen", 0)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.config.amp == "none":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.config.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _sync_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        if not self.distributed or not params:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset: offset + n].view_as(p).clone()
+            offset += n
+
+    def _optimise(self, loss_fn, micro_batches, params, optimizer, scaler) -> dict:
+        optimizer.zero_grad(set_to_none=True)
+        logs: dict[str, float] = {}
+        for batch in micro_batches:
+            with self._autocast():
+                loss, part = loss_fn(batch, self.step)
+            scaler.scale(loss / len(micro_batches)).backward()
+            for k, v in part.items():
+                logs[k] = logs.get(k, 0.0) + v / len(micro_batches)
+        self._sync_gradients(params)
+        scaler.unscale_(optimizer)
+        if self.config.clip_grad > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.config.clip_grad)
+            logs[f"{'g' if optimizer is self.opt_g else 'd'}/grad_norm"] = float(norm)
+        scaler.step(optimizer)
+        scaler.update()
+        return logs
+
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        logs: dict[str, float] = {}
+        if self.opt_d is not None:
+            logs.update(self._optimise(self.objective.discriminator_loss, micro_batches, self.d_params,
+                                       self.opt_d, self.scaler_d))
+        logs.update(self._optimise(self.objective.generator_loss, micro_batches, self.g_params,
+                                   self.opt_g, self.scaler_g))
+        if self.ema is not None:
+            self.ema.update(self.generator)
+        return logs
+
+    def _batches(self):
+        """Micro-batches forever, epoch after epoch; a newer dataset version (when --data names no
+        version) is picked up at an epoch boundary, the same one on every rank."""
+        while True:
+            for batch in self.loader:
+                yield batch
+            self._maybe_follow_latest()
+
+    def _maybe_follow_latest(self) -> None:
+        root, pinned = parse_url(self.config.data)
+        if pinned is not None:
+            return
+        latest = PairStore(root).latest_version() if self.rank == 0 else None
+        if self.distributed:
+            shared = [latest]
+            dist.broadcast_object_list(shared, src=0)
+            latest = shared[0]
+        if latest is not None and latest != self.dataset.version:
+            epoch = self.dataset.epoch
+            self._open_data(f"{root}@v{latest}")
+            self.dataset.set_epoch(epoch)
+
+    def _all_ranks_have(self, have: bool) -> bool:
+        if not self.distributed:
+            return have
+        flag = torch.tensor([1 if have else 0], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def run(self, progress: bool = True) -> TrainSummary:
+        from tqdm import tqdm
+
+        c = self.config
+        began = time.perf_counter()
+        batches = self._batches()
+        bar = tqdm(total=c.max_steps, initial=self.step, unit="step", desc=f"distill {c.objective}",
+                   disable=not progress or self.rank != 0, dynamic_ncols=True)
+        try:
+            while self.step < c.max_steps:
+                micro = [next(batches) for _ in range(c.grad_accum)]
+                if not self._all_ranks_have(True):
+                    break
+                try:
+                    logs = self.train_step(micro)
+                except NonFiniteLossError as err:
+                    raise TrainingStopped(f"{err}; stopped at step {self.step}, last good checkpoint: "
+                                          f"step {self.checkpoints.latest()} in {c.out}") from err
+                self.step += 1
+                self.summary.samples_seen += sum(len(b["prompt"]) for b in micro) * self.world_size
+                self.summary.last_logs = logs
+                bar.update(1)
+                if self.step % c.log_every == 0 or self.step == c.max_steps:
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.endswith("total")})
+                    self.metrics.log(self.step, {**logs, "data/indices": [int(i) for b in micro for i in b["index"]]})
+                if c.preview_every and self.step % c.preview_every == 0 and self.rank == 0:
+                    from distill.preview import write_preview
+
+                    write_preview(self, self.step)
+                if self.step % c.checkpoint_every == 0 or self.step == c.max_steps:
+                    self.save_checkpoint()
+                    self.metrics.flush()
+                _maybe_die(self.step)
+        finally:
+            bar.close()
+            self.metrics.flush()
+        self.summary.steps = self.step
+        self.summary.seconds = time.perf_counter() - began
+        self.summary.skipped_shards = dict(self.dataset.skipped)
+        self.summary.rank_weight_hashes = self._gather(weights_digest(self.generator))
+        if self.rank == 0:
+            self.metrics.write_json("summary.json", self.summary.as_dict())
+        return self.summary
+
+
+def _python_state_to_json(state) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _python_state_from_json(data) -> tuple:
+    version, internal, gauss = data
+    return (version, tuple(internal), gauss)

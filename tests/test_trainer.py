@@ -1,0 +1,147 @@
+"""The trainer: exact resume (also after SIGKILL), Ray Train DDP, corrupt shards, export to diffusers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.export import export_student, load_student, student_latents
+from distill.train_config import TrainConfigError, load_train_config
+from distill.trainer import KILL_AT_STEP_ENV, Trainer, TrainingStopped
+from pairgen.config import load_config
+from pairgen.runner import PairgenRun
+
+OBJECTIVE = {"regression_loss": "mse", "lambda_gan": 0.1, "r1_every": 2}
+
+
+@pytest.fixture(scope="module")
+def pairs(ray_local, sd15_teacher, tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("train-pairs")
+    prompts = folder / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\na green cat\na red square\n")
+    out = str(folder / "pairs")
+    PairgenRun(load_config(None, dict(teacher=str(sd15_teacher), prompts=str(prompts), out=out, num_pairs=24,
+                                      shard_size=8, steps=3, guidance=2.0, batch_size=4, seed=1)),
+               progress=False).run()
+    return out
+
+
+def _config(pairs, teacher, out, **overrides):
+    base = dict(data=pairs, teacher=str(teacher), out=str(out), objective="d2g", objective_config=OBJECTIVE,
+                max_steps=6, batch_size=4, checkpoint_every=3, log_every=1, use_ray=False, lr_g=1e-4,
+                lr_d=1e-4, shuffle_block=8, seed=3)
+    base.update(overrides)
+    return load_train_config(None, base)
+
+
+def _metrics(run: Path) -> dict[int, dict]:
+    return {row["step"]: row for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_resume_reproduces_the_uninterrupted_run(pairs, sd15_teacher, tmp_path):
+    straight = Trainer(_config(pairs, sd15_teacher, tmp_path / "a")).run(progress=False)
+    assert straight.steps == 6
+    Trainer(_config(pairs, sd15_teacher, tmp_path / "b", max_steps=3)).run(progress=False)
+    resumed = Trainer(_config(pairs, sd15_teacher, tmp_path / "b")).run(progress=False)
+    assert resumed.resumed_from == 3 and resumed.steps == 6
+    a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    for step in (4, 5, 6):
+        assert a[step]["data/indices"] == b[step]["data/indices"], step
+        for key in ("g/total", "d/total"):
+            assert a[step][key] == pytest.approx(b[step][key], rel=1e-5, abs=1e-7), (step, key)
+    assert straight.rank_weight_hashes == resumed.rank_weight_hashes
+
+
+def test_sigkill_between_checkpoints_then_resume(pairs, sd15_teacher, tmp_path):
+    reference = Trainer(_config(pairs, sd15_teacher, tmp_path / "ref", max_steps=7)).run(progress=False)
+    exe = str(Path(sys.executable).parent / "distill")
+    args = [exe, "train", "--data", pairs, "--teacher", str(sd15_teacher), "--out", str(tmp_path / "run"),
+            "--objective", "d2g", "--objective-config", json.dumps(OBJECTIVE), "--max-steps", "7",
+            "--batch-size", "4", "--checkpoint-every", "3", "--log-every", "1", "--no-ray", "--lr-g", "1e-4",
+            "--lr-d", "1e-4", "--shuffle-block", "8", "--seed", "3", "--no-progress", "--json"]
+    killed = subprocess.run(args, env=dict(os.environ, **{KILL_AT_STEP_ENV: "5"}), capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = subprocess.run(args, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads(resumed.stdout)
+    assert summary["resumed_from"] == 3 and summary["steps"] == 7
+    ref, run = _metrics(tmp_path / "ref"), _metrics(tmp_path / "run")
+    for step in (4, 5, 6, 7):
+        assert run[step]["data/indices"] == ref[step]["data/indices"], step
+    assert summary["rank_weight_hashes"] == reference.rank_weight_hashes
+
+
+def test_two_ray_train_workers_end_with_identical_weights(ray_local, pairs, sd15_teacher, tmp_path):
+    from distill.ray_launch import train
+
+    config = _config(pairs, sd15_teacher, tmp_path / "ddp", max_steps=3, use_ray=True, workers=2,
+                     cpus_per_worker=0.5, threads=1)
+    summary = train(config)
+    hashes = summary["rank_weight_hashes"]
+    assert len(hashes) == 2 and hashes[0] == hashes[1]
+    assert summary["steps"] == 3
+    assert (tmp_path / "ddp" / "checkpoints" / "step-00000003" / "COMPLETE").exists()
+
+
+def test_corrupt_shard_is_named_or_skipped(pairs, sd15_teacher, tmp_path):
+    import shutil
+
+    from store import CorruptShardError
+
+    copy = tmp_path / "pairs"
+    shutil.copytree(pairs, copy)
+    tar = copy / "shards" / "shard-000001.tar"
+    data = bytearray(tar.read_bytes())
+    data[2000] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    with pytest.raises(CorruptShardError, match="shard-000001"):
+        Trainer(_config(str(copy), sd15_teacher, tmp_path / "raise", max_steps=8)).run(progress=False)
+    summary = Trainer(_config(str(copy), sd15_teacher, tmp_path / "skip", max_steps=8,
+                              on_corrupt="skip")).run(progress=False)
+    assert summary.steps == 8 and summary.skipped_shards.get("shard-000001", 0) > 0
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(pairs, sd15_teacher, tmp_path):
+    Trainer(_config(pairs, sd15_teacher, tmp_path / "run", max_steps=3)).run(progress=False)
+    with pytest.raises(TrainingStopped, match="last good checkpoint: step 3"):
+        Trainer(_config(pairs, sd15_teacher, tmp_path / "run", lr_g=1e30, lr_d=1e30, clip_grad=0.0,
+                        max_steps=12)).run(progress=False)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())[0] == "step-00000003"
+
+
+def test_export_loads_in_stock_diffusers_and_matches_generate(pairs, sd15_teacher, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    Trainer(_config(pairs, sd15_teacher, tmp_path / "run", max_steps=3)).run(progress=False)
+    folder = export_student(str(tmp_path / "run"), str(tmp_path / "export"))
+    stock = DiffusionPipeline.from_pretrained(folder)
+    stock.set_progress_bar_config(disable=True)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red circle", "a blue square"]
+    ours = student_latents(load_student(str(folder)), prompts, noise)
+    theirs = stock(prompt=prompts, latents=noise, num_inference_steps=1, guidance_scale=0.0,
+                   output_type="latent").images
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    gen = subprocess.run([str(Path(sys.executable).parent / "distill"), "generate", str(folder), "--prompt",
+                          "a red circle", "--num", "2", "--out", str(tmp_path / "png"), "--json"],
+                         capture_output=True, text=True)
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert len(json.loads(gen.stdout)["images"]) == 2
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(TrainConfigError, match="max_steps"):
+        load_train_config(None, {"max_steps": 0})
+    with pytest.raises(TrainConfigError, match="objective_config.lambda_gan"):
+        load_train_config(None, {"objective_config": {"lambda_gan": -1}})
+    bad = tmp_path / "t.yaml"
+    bad.write_text("objectiv: d2g\n")
+    with pytest.raises(TrainConfigError, match="objectiv"):
+        load_train_config(str(bad))
