@@ -47,8 +47,9 @@ def mse_to_target(obj, pairs: dict) -> float:
     return float(((out - pairs["latent"]) ** 2).mean())
 
 
-def train(obj, pairs: dict, steps: int, lr_g: float = 1e-3, lr_d: float = 1e-3) -> list[dict]:
-    """Alternating G/D steps with AdamW, the way the trainer will drive an objective."""
+def train(obj, pairs: dict, steps: int, lr_g: float = 1e-3, lr_d: float = 1e-3, callback=None) -> list[dict]:
+    """Alternating G/D steps with AdamW, the way the trainer will drive an objective.
+    `callback(steps_done)` runs after every step (measurements)."""
     opt_g = torch.optim.AdamW(obj.generator.parameters(), lr=lr_g, weight_decay=0.0)
     opt_d = torch.optim.AdamW(obj.discriminator.parameters(), lr=lr_d, weight_decay=0.0) if obj.discriminator else None
     history = []
@@ -66,4 +67,6 @@ def train(obj, pairs: dict, steps: int, lr_g: float = 1e-3, lr_d: float = 1e-3) 
         opt_g.step()
         logs.update(g_logs)
         history.append(logs)
+        if callback is not None:
+            callback(step + 1)
     return history
