@@ -63,6 +63,23 @@ def test_zero_initialised_branches_keep_teacher_activations(teacher, request):
     assert not torch.allclose(moved["up0.before"], store["up0.before"], atol=1e-4)
 
 
+def test_deepcopy_rebinds_hooks_to_the_copy(sd15_teacher):
+    import copy
+
+    pipe = _load(sd15_teacher)
+    disc = D2GDiscriminator(pipe.unet)
+    twin = copy.deepcopy(disc)
+    with torch.no_grad():
+        twin.z_conv.weight.normal_(std=0.5)
+    latent, z = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    cond = TextConditioner(pipe)({"latent": latent, "prompt": ["a cat"]}, (8, 8))
+    with torch.no_grad():
+        a, b = disc(latent, cond, z=z), twin(latent, cond, z=z)
+        again = disc(latent, cond, z=z)
+    torch.testing.assert_close(a, again)
+    assert not torch.allclose(a, b)
+
+
 def test_switches_change_the_architecture(sd15_teacher):
     pipe = _load(sd15_teacher)
     plain = D2GDiscriminator(pipe.unet, z_conditioning=False, multiscale=False, readout_heads=False)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 
 import torch
 from torch import nn
@@ -87,17 +88,19 @@ class D2GDiscriminator(nn.Module):
 
     # -- hooks -----------------------------------------------------------------------------------
     def _install_hooks(self) -> None:
+        # Hooks are bound methods or partials of them (not closures), so copy.deepcopy of the
+        # discriminator rebinds them to the copy.
         unet = self.unet
         unet.conv_in.register_forward_hook(self._conv_in_hook)
         for i, block in enumerate(unet.down_blocks):
-            block.register_forward_pre_hook(self._down_pre_hook(i), with_kwargs=True)
+            block.register_forward_pre_hook(functools.partial(self._down_pre_hook, i), with_kwargs=True)
         for i, block in enumerate(unet.up_blocks):
-            block.register_forward_pre_hook(self._record_kwarg(f"up{i}.before"), with_kwargs=True)
-            block.resnets[0].register_forward_pre_hook(self._record_arg(f"up{i}.skip"))
+            block.register_forward_pre_hook(functools.partial(self._record_kwarg, f"up{i}.before"), with_kwargs=True)
+            block.resnets[0].register_forward_pre_hook(functools.partial(self._record_arg, f"up{i}.skip"))
             if getattr(block, "upsamplers", None):
-                block.upsamplers[0].register_forward_pre_hook(self._record_arg(f"up{i}.after"))
+                block.upsamplers[0].register_forward_pre_hook(functools.partial(self._record_arg, f"up{i}.after"))
             else:
-                block.register_forward_hook(self._record_output(f"up{i}.after"))
+                block.register_forward_hook(functools.partial(self._record_output, f"up{i}.after"))
 
     def _conv_in_hook(self, module, args, output):
         ctx = self._ctx
@@ -105,24 +108,21 @@ class D2GDiscriminator(nn.Module):
             return None
         return output + self.z_conv(ctx["z"].to(output.dtype))
 
-    def _down_pre_hook(self, index: int):
-        def hook(module, args, kwargs):
-            ctx = self._ctx
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            if ctx is None:
-                return None
-            ctx["shapes"][f"down{index}.in"] = tuple(hidden.shape[1:])
-            if self.ms_convs is None:
-                return None
-            x = ctx["latent"]
-            if x.shape[-2:] != hidden.shape[-2:]:
-                x = F.interpolate(x, size=hidden.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
-            hidden = hidden + self.ms_convs[index](x.to(hidden.dtype))
-            if "hidden_states" in kwargs:
-                return args, {**kwargs, "hidden_states": hidden}
-            return (hidden,) + tuple(args[1:]), kwargs
-
-        return hook
+    def _down_pre_hook(self, index: int, module, args, kwargs):
+        ctx = self._ctx
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if ctx is None:
+            return None
+        ctx["shapes"][f"down{index}.in"] = tuple(hidden.shape[1:])
+        if self.ms_convs is None:
+            return None
+        x = ctx["latent"]
+        if x.shape[-2:] != hidden.shape[-2:]:
+            x = F.interpolate(x, size=hidden.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
+        hidden = hidden + self.ms_convs[index](x.to(hidden.dtype))
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": hidden}
+        return (hidden,) + tuple(args[1:]), kwargs
 
     def _store(self, name: str, tensor: torch.Tensor) -> None:
         ctx = self._ctx
@@ -130,23 +130,14 @@ class D2GDiscriminator(nn.Module):
             ctx["features"][name] = tensor
             ctx["shapes"][name] = tuple(tensor.shape[1:])
 
-    def _record_kwarg(self, name: str):
-        def hook(module, args, kwargs):
-            self._store(name, kwargs.get("hidden_states", args[0] if args else None))
+    def _record_kwarg(self, name: str, module, args, kwargs):
+        self._store(name, kwargs.get("hidden_states", args[0] if args else None))
 
-        return hook
+    def _record_arg(self, name: str, module, args):
+        self._store(name, args[0])
 
-    def _record_arg(self, name: str):
-        def hook(module, args):
-            self._store(name, args[0])
-
-        return hook
-
-    def _record_output(self, name: str):
-        def hook(module, args, output):
-            self._store(name, output[0] if isinstance(output, tuple) else output)
-
-        return hook
+    def _record_output(self, name: str, module, args, output):
+        self._store(name, output[0] if isinstance(output, tuple) else output)
 
     @contextlib.contextmanager
     def double_backward_safe(self):
