@@ -13,6 +13,7 @@ import sys
 # (module, description) pairs; a module that is missing is skipped so partial installs still run.
 SUBCOMMAND_MODULES = [
     "distill.commands",
+    "distill.evaluate",
     "distill.lpips.cli",
 ]
 

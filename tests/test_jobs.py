@@ -20,3 +20,12 @@ def test_pairgen_job_configs_validate(path):
 
 def test_there_are_job_configs():
     assert len(list(JOBS.glob("*.yaml"))) >= 3
+
+
+@pytest.mark.parametrize("path", sorted(JOBS.glob("distill_*.yaml")), ids=lambda p: p.name)
+def test_distill_job_configs_validate(path):
+    from distill.train_config import load_train_config
+
+    config = load_train_config(str(path))
+    assert config.data.startswith("s3://") and config.out.startswith("s3://")
+    assert config.workers > 1 and config.amp == "bf16" and config.use_gpu

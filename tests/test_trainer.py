@@ -134,6 +134,20 @@ def test_export_loads_in_stock_diffusers_and_matches_generate(pairs, sd15_teache
                          capture_output=True, text=True)
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert len(json.loads(gen.stdout)["images"]) == 2
+    ev = subprocess.run([str(Path(sys.executable).parent / "distill"), "eval", "--model", str(folder), "--data",
+                         pairs, "--num", "8", "--teacher-steps", "3", "--json"], capture_output=True, text=True)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    report = json.loads(ev.stdout)
+    assert report["num_pairs"] == 8 and report["student_mse"] >= 0 and report["teacher_1step_mse"] > 0
+    assert report["latency_student_s"] > 0 and report["speedup_vs_teacher"] > 0
+
+
+def test_preview_grid_is_written(pairs, sd15_teacher, tmp_path):
+    from PIL import Image
+
+    Trainer(_config(pairs, sd15_teacher, tmp_path / "run", max_steps=2, preview_every=2)).run(progress=False)
+    image = Image.open(tmp_path / "run" / "previews" / "step-00000002.png")
+    assert image.size == (8 * 16, 16)
 
 
 def test_config_errors_name_the_field(tmp_path):
@@ -145,3 +159,16 @@ def test_config_errors_name_the_field(tmp_path):
     bad.write_text("objectiv: d2g\n")
     with pytest.raises(TrainConfigError, match="objectiv"):
         load_train_config(str(bad))
+
+
+def test_trains_from_and_to_s3(pairs, sd15_teacher, s3_bucket):
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.put(pairs + "/", f"{s3_bucket}/pairs/", recursive=True)
+    run = f"{s3_bucket}/run"
+    first = Trainer(_config(f"{s3_bucket}/pairs@v1", sd15_teacher, run, max_steps=3)).run(progress=False)
+    again = Trainer(_config(f"{s3_bucket}/pairs@v1", sd15_teacher, run, max_steps=4)).run(progress=False)
+    assert first.steps == 3 and again.resumed_from == 3 and again.steps == 4
+    assert fs.exists(f"{run}/checkpoints/step-00000004/COMPLETE")
+    assert len(fs.cat_file(f"{run}/metrics.jsonl").decode().splitlines()) == 4

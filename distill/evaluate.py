@@ -1,0 +1,107 @@
+"""`distill eval`: how close a student is to its teacher's targets, and how fast, on held-out pairs.
+
+Reports, on pairs the student never trained on (a separate store version or dataset): the
+student's mean distance to the teacher's ODE targets (MSE, and LatentLPIPS when weights are given)
+next to the teacher's own one-step DDIM result from the same noise, plus per-image latency of the
+student (prompt to latent, text encoding included; and with the VAE decode) against the teacher's
+multi-step sampling with guidance.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from distill.export import STUDENT_INFO, decode, load_student, student_latents
+from pairgen.solver import SolverSettings, TeacherSolver
+from pairgen.teacher import load_teacher
+from store import PairDataset, PairLoader
+
+
+def _held_out(data_url: str, num: int, batch_size: int):
+    dataset = PairDataset(data_url, fields=("noise", "latent", "prompt"), shuffle=False)
+    seen = 0
+    for batch in PairLoader(dataset, batch_size=batch_size):
+        take = min(len(batch["prompt"]), num - seen)
+        yield {k: v[:take] for k, v in batch.items()}, dataset.manifest.fingerprint
+        seen += take
+        if seen >= num:
+            return
+
+
+def _latency(fn, repeats: int) -> float:
+    fn()  # warm-up
+    began = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - began) / repeats
+
+
+@torch.no_grad()
+def evaluate(model_dir: str, data_url: str, num: int = 64, batch_size: int = 16, teacher_steps: int = 25,
+             lpips_weights: str | None = None, latency_repeats: int = 5) -> dict:
+    student = load_student(model_dir)
+    info = json.loads((Path(model_dir) / STUDENT_INFO).read_text())
+    teacher = load_teacher(info["teacher"], device="cpu")
+    lpips = None
+    if lpips_weights:
+        from distill.losses import make_regression_loss
+
+        lpips = make_regression_loss("latent_lpips", weights=lpips_weights).eval()
+    sums = {"student_mse": 0.0, "teacher_1step_mse": 0.0, "student_latent_lpips": 0.0,
+            "teacher_1step_latent_lpips": 0.0}
+    count, guidance = 0, None
+    for batch, fingerprint in _held_out(data_url, num, batch_size):
+        solver_fp = fingerprint.get("solver", {})
+        guidance = solver_fp.get("guidance", 1.0)
+        one_step = TeacherSolver(teacher, SolverSettings(scheduler="ddim", steps=1, guidance=guidance,
+                                                         timestep_spacing="trailing"))
+        target = batch["latent"].float()
+        ours = student_latents(student, batch["prompt"], batch["noise"].float())
+        baseline = one_step.solve(batch["prompt"], batch["noise"].float())["latent"].float()
+        n = len(target)
+        sums["student_mse"] += float(((ours - target) ** 2).mean(dim=(1, 2, 3)).sum())
+        sums["teacher_1step_mse"] += float(((baseline - target) ** 2).mean(dim=(1, 2, 3)).sum())
+        if lpips is not None:
+            sums["student_latent_lpips"] += float(lpips(ours, target).sum())
+            sums["teacher_1step_latent_lpips"] += float(lpips(baseline, target).sum())
+        count += n
+    if count == 0:
+        raise ValueError(f"no pairs in {data_url}")
+    report = {k: v / count for k, v in sums.items() if lpips is not None or "lpips" not in k}
+    report.update(num_pairs=count, model=model_dir, data=data_url, guidance=guidance)
+    noise1 = batch["noise"][:1].float()
+    prompt1 = batch["prompt"][:1]
+    teacher_multi = TeacherSolver(teacher, SolverSettings(scheduler="ddim", steps=teacher_steps, guidance=guidance))
+    report["latency_student_s"] = _latency(lambda: student_latents(student, prompt1, noise1), latency_repeats)
+    report["latency_student_decoded_s"] = _latency(
+        lambda: decode(student, student_latents(student, prompt1, noise1)), latency_repeats)
+    report[f"latency_teacher_{teacher_steps}step_s"] = _latency(
+        lambda: teacher_multi.solve(prompt1, noise1), max(1, latency_repeats // 2))
+    report["speedup_vs_teacher"] = report[f"latency_teacher_{teacher_steps}step_s"] / report["latency_student_s"]
+    return report
+
+
+def register(sub) -> None:
+    parser = sub.add_parser("eval", help="distance to the teacher's targets and latency on held-out pairs")
+    parser.add_argument("--model", required=True, help="exported student folder (distill export)")
+    parser.add_argument("--data", required=True, help="held-out pair store URL[@vN] (not the training pairs)")
+    parser.add_argument("--num", type=int, default=64, help="held-out pairs to use")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--teacher-steps", type=int, default=25, help="teacher steps for the latency baseline")
+    parser.add_argument("--lpips-weights", help="LatentLPIPS weights for the perceptual distance (optional)")
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args) -> int:
+    report = evaluate(args.model, args.data, args.num, args.batch_size, args.teacher_steps, args.lpips_weights)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for key, value in report.items():
+            print(f"{key:32s} {value}")
+    return 0

@@ -1,0 +1,57 @@
+"""A periodic preview grid: the student's one-step images for fixed noises and prompts.
+
+With evaluation, the only place the trainer decodes latents to pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+
+import fsspec
+import torch
+
+from pairgen.noise import sample_noise
+
+PREVIEW_SEED = 1234
+PREVIEW_COUNT = 8
+
+
+def grid_png(images: torch.Tensor, columns: int = 8) -> bytes:
+    """images [N, 3, H, W] in [0, 1] -> PNG bytes of one grid."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    rows = -(-n // columns)
+    canvas = torch.ones(3, rows * h, columns * w)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        canvas[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = image
+    array = (canvas.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@torch.no_grad()
+def write_preview(trainer, step: int) -> str:
+    first = next(iter(trainer.dataset.store.manifest(trainer.dataset.version).shards))
+    prompts = [trainer.dataset.store.get(index=first.first_index + i % first.num_samples)["prompt"]
+               for i in range(PREVIEW_COUNT)]
+    shape = tuple(trainer.dataset.manifest.schema.fields["noise"].shape)
+    noise = torch.stack([sample_noise(PREVIEW_SEED, i, shape) for i in range(PREVIEW_COUNT)])
+    model = trainer.ema.model if trainer.ema is not None else trainer.generator
+    original = trainer.objective.generator
+    trainer.objective.generator = model
+    try:
+        latents = trainer.objective.sample({"noise": noise, "prompt": prompts})
+    finally:
+        trainer.objective.generator = original
+    vae = trainer.pipe.vae
+    images = (vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    fs, root = fsspec.core.url_to_fs(trainer.config.out)
+    path = posixpath.join(root, "previews", f"step-{step:08d}.png")
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(grid_png(images.float().cpu()))
+    return path
