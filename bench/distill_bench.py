@@ -1,0 +1,169 @@
+"""Training-step cost of the `d2g` objective, E-LatentLPIPS against pixel LPIPS, and one-step
+generation latency against the teacher's 25-step sampling with guidance, measured in one run.
+
+    .venv/bin/python bench/distill_bench.py [--threads 2] [--repeats 3] [--unet-channels 64 128 256 256]
+
+Model: an SD1.5-architecture pipeline at SD1.5's latent size (64x64x4 latents, 512x512 images):
+the UNet at reduced width (--unet-channels; SD1.5 is 320 640 1280 1280), SD1.5's VAE architecture,
+a small CLIP text encoder. Random weights: cost does not depend on their values.
+(a) one d2g training step (D step + G step, batch --batch) with E-LatentLPIPS as the regression loss;
+(b) the same step with pixel LPIPS (VAE decode to 512x512 + VGG16 LPIPS) in its place.
+(c) generation per image: the one-step student (text encoding + 1 UNet call) against the teacher's
+    25 DDIM steps with CFG (text encoding + 50 UNet evaluations), each without and with the VAE decode.
+Each case runs in a fresh process; "extra" memory = peak RSS during the measured iterations minus RSS
+before them. Goals: (a) <= 1/3 of (b)'s step time; student >= 40x faster than the teacher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from measure import SD15_VAE, reset_peak, run_worker, status_kb  # noqa: E402
+
+
+def build_pipeline(folder: Path, channels: list[int]) -> Path:
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from pairgen.clip_vocab import write_clip_tokenizer
+
+    torch.manual_seed(0)
+    tok = write_clip_tokenizer(folder / "tokenizer", words="a red blue circle square".split())
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256,
+                                        num_hidden_layers=2, num_attention_heads=4, bos_token_id=tok.bos_token_id,
+                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    n = len(channels)
+    unet = UNet2DConditionModel(block_out_channels=tuple(channels), layers_per_block=1, sample_size=64,
+                                down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+                                cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    StableDiffusionPipeline(vae=AutoencoderKL(**SD15_VAE), text_encoder=text, tokenizer=tok, unet=unet,
+                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder)
+    return folder
+
+
+def _train_step_worker(teacher: str, loss: str, batch: int, repeats: int) -> dict:
+    import warnings
+
+    import torch
+
+    from distill.objectives import make_objective
+    from pairgen.teacher import load_teacher
+
+    pipe = load_teacher(teacher)
+    kwargs = {"allow_random": True}
+    if loss == "pixel_lpips":
+        kwargs["vae"] = pipe.vae
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        objective = make_objective("d2g", pipe, {"regression_loss": loss, "regression_kwargs": kwargs,
+                                                 "lambda_gan": 0.1, "r1_every": 1000})
+    g_opt = torch.optim.AdamW([p for p in objective.generator.parameters() if p.requires_grad], lr=1e-5)
+    d_opt = torch.optim.AdamW([p for p in objective.discriminator.parameters() if p.requires_grad], lr=1e-5)
+    gen = torch.Generator().manual_seed(0)
+    data = {"noise": torch.randn(batch, 4, 64, 64, generator=gen), "latent": torch.randn(batch, 4, 64, 64, generator=gen),
+            "prompt": ["a red circle"] * batch}
+
+    def step() -> float:
+        began = time.perf_counter()
+        for optimizer, loss_fn in ((d_opt, objective.discriminator_loss), (g_opt, objective.generator_loss)):
+            optimizer.zero_grad(set_to_none=True)
+            value, _ = loss_fn(data, 1)
+            value.backward()
+            optimizer.step()
+        return time.perf_counter() - began
+
+    step()  # warm-up: allocator and optimiser state
+    base = status_kb("VmRSS")
+    exact = reset_peak()
+    times = [step() for _ in range(repeats)]
+    return {"seconds": statistics.median(times), "extra_mb": (status_kb("VmHWM") - base) / 1024, "exact_peak": exact}
+
+
+def _generation_worker(teacher: str, repeats: int, steps: int, guidance: float) -> dict:
+    import torch
+
+    from distill.export import decode, student_latents
+    from pairgen.solver import SolverSettings, TeacherSolver
+    from pairgen.teacher import load_teacher
+
+    pipe = load_teacher(teacher)
+    noise = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    prompt = ["a red circle"]
+    solver = TeacherSolver(pipe, SolverSettings(steps=steps, guidance=guidance))
+
+    def timed(fn, n) -> float:
+        fn()
+        began = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - began) / n
+
+    with torch.no_grad():
+        student = timed(lambda: student_latents(pipe, prompt, noise), repeats)
+        student_dec = timed(lambda: decode(pipe, student_latents(pipe, prompt, noise)), repeats)
+        teacher_lat = timed(lambda: solver.solve(prompt, noise), max(1, repeats // 3))
+        teacher_dec = timed(lambda: decode(pipe, solver.solve(prompt, noise)["latent"]), max(1, repeats // 3))
+    return {"student_s": student, "student_decoded_s": student_dec, "teacher_s": teacher_lat,
+            "teacher_decoded_s": teacher_dec}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--unet-channels", type=int, nargs="+", default=[64, 128, 256, 256])
+    parser.add_argument("--teacher-steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--teacher", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        if args.worker == "generation":
+            result = _generation_worker(args.teacher, args.repeats, args.teacher_steps, args.guidance)
+        else:
+            result = _train_step_worker(args.teacher, args.worker, args.batch, args.repeats)
+        print(json.dumps(result))
+        return 0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher = str(build_pipeline(Path(tmp) / "teacher", args.unet_channels))
+        common = ["--teacher", teacher, "--threads", str(args.threads), "--repeats", str(args.repeats),
+                  "--batch", str(args.batch)]
+        latent = run_worker(__file__, ["e_latent_lpips", *common], args.threads)
+        pixel = run_worker(__file__, ["pixel_lpips", *common], args.threads)
+        gen = run_worker(__file__, ["generation", *common, "--teacher-steps", str(args.teacher_steps),
+                                    "--guidance", str(args.guidance)], args.threads)
+    print(f"SD1.5-architecture UNet channels {args.unet_channels}, 64x64x4 latents, batch {args.batch}, "
+          f"{args.threads} threads, median of {args.repeats}")
+    print(f"{'d2g step':34s} {'seconds':>9s} {'extra MB':>9s}")
+    print(f"{'(a) E-LatentLPIPS':34s} {latent['seconds']:9.3f} {latent['extra_mb']:9.0f}")
+    print(f"{'(b) pixel LPIPS (decode + VGG)':34s} {pixel['seconds']:9.3f} {pixel['extra_mb']:9.0f}")
+    print(f"step time ratio (a)/(b): {latent['seconds'] / pixel['seconds']:.3f}  (goal <= 0.333); "
+          f"memory ratio (b)/(a): {pixel['extra_mb'] / max(latent['extra_mb'], 1):.1f}x")
+    print(f"{'generation per image':34s} {'latent s':>9s} {'decoded s':>9s}")
+    print(f"{'student, 1 step':34s} {gen['student_s']:9.4f} {gen['student_decoded_s']:9.4f}")
+    print(f"{f'teacher, {args.teacher_steps} steps, CFG {args.guidance}':34s} {gen['teacher_s']:9.4f} "
+          f"{gen['teacher_decoded_s']:9.4f}")
+    print(f"speed-up: {gen['teacher_s'] / gen['student_s']:.1f}x to latents (goal >= 40x), "
+          f"{gen['teacher_decoded_s'] / gen['student_decoded_s']:.1f}x with the VAE decode")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
