@@ -34,7 +34,7 @@ def build_vgg16_features() -> nn.Sequential:
         if item == "M":
             layers.append(nn.MaxPool2d(2, 2))
         else:
-            layers += [nn.Conv2d(channels, int(item), 3, padding=1), nn.ReLU(inplace=False)]
+            layers += [nn.Conv2d(channels, int(item), 3, padding=1), nn.ReLU(inplace=True)]
             channels = int(item)
     return nn.Sequential(*layers)
 

@@ -40,7 +40,7 @@ def build_vgg16_bn_features(
             pools_seen += 1
             continue
         out = scaled_channels(int(item), width)
-        layers += [nn.Conv2d(channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(inplace=False)]
+        layers += [nn.Conv2d(channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
         channels = out
     return nn.Sequential(*layers)
 
