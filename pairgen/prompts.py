@@ -118,13 +118,21 @@ def _from_parquet(url: str, data: bytes, column: str) -> list:
 
 
 def _shapes_prompts(url: str) -> list[str]:
+    """Every (combination, phrasing) caption of a shapes split, in a fixed shuffled order so that
+    consecutive samples (and so every shard) mix shapes, colours and positions."""
+    import random
+
     from pairgen.shapes import world
 
     split = url.split("://", 1)[1] or "train"
     try:
-        return world.caption_list(split)
-    except KeyError:
-        raise PromptSourceError(f"prompt source {url}: unknown shapes split {split!r}") from None
+        combos = world.combinations(split)
+    except ValueError:
+        raise PromptSourceError(f"prompt source {url}: unknown shapes split {split!r} "
+                                f"(choose from {', '.join(world.SPLITS)})") from None
+    captions = [world.caption(a, p) for a in combos for p in range(len(world.PHRASINGS))]
+    random.Random(0).shuffle(captions)
+    return captions
 
 
 def load_prompts(url: str, column: str = "prompt") -> PromptSource:

@@ -59,3 +59,12 @@ def test_errors_name_the_problem(tmp_path):
     (tmp_path / "p.jsonl").write_text('{"prompt": "x"}\n{oops\n')
     with pytest.raises(PromptSourceError, match="line 2: invalid JSON"):
         load_prompts(str(tmp_path / "p.jsonl"))
+
+
+def test_shapes_prompt_source():
+    train, heldout = load_prompts("shapes://train"), load_prompts("shapes://heldout")
+    assert len(train) > len(heldout) > 0
+    assert not set(train.prompts) & set(heldout.prompts)
+    assert load_prompts("shapes://train").prompts == train.prompts, "deterministic order"
+    with pytest.raises(PromptSourceError, match="unknown shapes split 'nope'"):
+        load_prompts("shapes://nope")
