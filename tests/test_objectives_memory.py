@@ -30,3 +30,20 @@ def test_checkpointing_and_bf16_autocast(name, sdxl_teacher):
     assert "d/r1" in obj.discriminator_loss(batch, 0)[1]
     assert all(p.grad is not None for p in obj.generator.parameters())
     assert all(p.grad is not None for p in obj.discriminator.parameters())
+
+
+def test_half_precision_frozen_teacher_with_fp32_trainables(sd15_teacher):
+    from pairgen.teacher import load_teacher
+
+    pipe = load_teacher(str(sd15_teacher))
+    obj = make_objective("add", pipe, ObjectiveConfig(frozen_dtype="bf16", sd_guidance_scale=2.0))
+    assert next(pipe.unet.parameters()).dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in obj.generator.parameters())
+    assert all(p.dtype == torch.float32 for p in obj.discriminator.parameters())
+    batch = {"noise": torch.randn(4, 4, 8, 8), "latent": torch.randn(4, 4, 8, 8), "prompt": PROMPTS}
+    d_loss, _ = obj.discriminator_loss(batch, 0)
+    d_loss.backward()
+    g_loss, logs = obj.generator_loss(batch, 1)
+    g_loss.backward()
+    assert torch.isfinite(g_loss) and all(p.grad is not None for p in obj.generator.parameters())
+    assert all(p.grad is None for p in pipe.unet.parameters())
