@@ -26,33 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-SD15_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
-)  # fmt: skip
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+sys.path.insert(0, str(Path(__file__).parent))
+from measure import SD15_VAE, reset_peak, run_worker, status_kb  # noqa: E402
 
 
 def build_loss(case: str):
@@ -90,10 +70,10 @@ def worker(case: str, batch: int, repeats: int, warmup: int, threads: int) -> di
         pred.grad = None
         return time.perf_counter() - start
 
-    baseline_kb = _status_kb("VmRSS")
-    exact = _reset_peak()
+    baseline_kb = status_kb("VmRSS")
+    exact = reset_peak()
     times = [iteration() for _ in range(warmup + repeats)][warmup:]
-    peak_kb = _status_kb("VmHWM")
+    peak_kb = status_kb("VmHWM")
     return {
         "case": case, "batch": batch, "threads": threads, "repeats": repeats,
         "seconds": statistics.median(times), "seconds_all": times,
@@ -102,27 +82,8 @@ def worker(case: str, batch: int, repeats: int, warmup: int, threads: int) -> di
 
 
 def run_case(case: str, batch: int, repeats: int, warmup: int, threads: int, mmap_threshold: int) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        case,
-        "--batches",
-        str(batch),
-        "--repeats",
-        str(repeats),
-        "--warmup",
-        str(warmup),
-        "--threads",
-        str(threads),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    if mmap_threshold > 0:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"{case} batch {batch} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    args = [case, "--batches", str(batch), "--repeats", str(repeats), "--warmup", str(warmup), "--threads", str(threads)]
+    return run_worker(__file__, args, threads, mmap_threshold)
 
 
 def _available_gb() -> float:
