@@ -83,8 +83,9 @@ def array_members(fields: list[str]) -> list[str]:
     return [f for f in fields if f not in META_FIELDS]
 
 
-def fetch_range(fs, path: str, url: str, shard: str, start: int, end: int) -> bytearray:
-    """Bytes [start, end) of a shard's tar, as a writable buffer tensors can share."""
+def fetch_range(fs, path: str, url: str, shard: str, start: int, end: int):
+    """Bytes [start, end) of a shard's tar, as a writable 1-D byte buffer (bytearray or uint8
+    array) that tensors can share."""
     if is_local(fs):
         return _read_local(path, url, shard, start, end)
     try:
@@ -98,13 +99,14 @@ def fetch_range(fs, path: str, url: str, shard: str, start: int, end: int) -> by
     return bytearray(data)
 
 
-def _read_local(path: str, url: str, shard: str, start: int, end: int) -> bytearray:
-    # Straight into the buffer the tensors will share: no intermediate bytes object to copy.
-    buf = bytearray(end - start)
+def _read_local(path: str, url: str, shard: str, start: int, end: int) -> np.ndarray:
+    # Straight into the buffer the tensors will share: no intermediate bytes object to copy, and
+    # np.empty rather than bytearray so 25 MB chunks are not zero-filled first.
+    buf = np.empty(end - start, dtype=np.uint8)
     try:
         with open(path, "rb", buffering=0) as f:
             f.seek(start)
-            view = memoryview(buf)
+            view = memoryview(buf).cast("B")
             got = 0
             while got < len(buf):
                 n = f.readinto(view[got:])
@@ -132,7 +134,7 @@ class Decoder:
         import torch
 
         cached = self._headers.get(fieldname)
-        if cached is None or buf[off : off + len(cached[0])] != cached[0]:
+        if cached is None or memoryview(buf)[off : off + len(cached[0])] != cached[0]:
             cached = self._parse(fieldname, buf, off, size, where)
         hdr, dtype, shape, count, nbytes = cached
         if size - len(hdr) != nbytes:
@@ -150,7 +152,7 @@ class Decoder:
         if np_dtype != spec.storage_dtype():
             raise StoreError(f"{where}: stored dtype {np_dtype} does not match the schema's {spec.dtype}")
         count = int(np.prod(shape)) if shape else 1
-        cached = (bytes(buf[off : off + hlen]), torch_dtype(spec.dtype), shape, count, count * np_dtype.itemsize)
+        cached = (bytes(memoryview(buf)[off : off + hlen]), torch_dtype(spec.dtype), shape, count, count * np_dtype.itemsize)
         self._headers[fieldname] = cached
         return cached
 
