@@ -2,38 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import typing
 
 from distill.train_config import TrainConfig, TrainConfigError, load_train_config
-
-
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    for name, info in TrainConfig.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        help_text = f"{info.description} [default: {info.default if info.default_factory is None else '{}'}]"
-        annotation = info.annotation
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if annotation is bool or (args and args[0] is bool):
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif typing.get_origin(annotation) is typing.Literal:
-            parser.add_argument(flag, dest=name, choices=typing.get_args(annotation), default=None, help=help_text)
-        elif name == "objective_config":
-            parser.add_argument(flag, dest=name, type=json.loads, default=None,
-                                help=help_text + " (JSON on the command line, a mapping in YAML)")
-        elif name == "betas":
-            parser.add_argument(flag, dest=name, type=float, nargs=2, default=None, help=help_text)
-        else:
-            kind = args[0] if args else annotation
-            parser.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
+from pairgen.options import add_model_flags, flag_overrides
 
 
 def _cmd_train(args) -> int:
     from distill.ray_launch import train
 
-    overrides = {name: getattr(args, name) for name in TrainConfig.model_fields}
+    overrides = flag_overrides(args, TrainConfig)
     if args.no_ray:
         overrides["use_ray"] = False
     config = load_train_config(args.config, overrides)
@@ -75,7 +54,7 @@ def register(sub) -> None:
                            "with the chosen objective, on Ray Train (DDP) or in-process (--no-ray). Checkpoints go "
                            "to --out; re-running resumes from the latest complete one.")
     train.add_argument("--config", help="YAML file with any of the options below")
-    _add_config_flags(train)
+    add_model_flags(train, TrainConfig)
     train.add_argument("--no-ray", action="store_true", help="train in this process (debugging; same as --no-use-ray)")
     train.add_argument("--json", action="store_true", help="print the final summary as JSON")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")

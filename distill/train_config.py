@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pairgen.options import build_model, describe_validation_error
 
 
 class TrainConfigError(ValueError):
@@ -50,27 +50,9 @@ class TrainConfig(BaseModel):
 
 
 def load_train_config(yaml_path: str | None = None, overrides: dict | None = None) -> TrainConfig:
-    data: dict = {}
-    source = "flags"
-    if yaml_path:
-        source = yaml_path
-        try:
-            loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
-        except FileNotFoundError:
-            raise TrainConfigError(f"config file {yaml_path} does not exist") from None
-        except yaml.YAMLError as err:
-            raise TrainConfigError(f"config file {yaml_path} is not valid YAML: {err}") from None
-        if not isinstance(loaded, dict):
-            raise TrainConfigError(f"config file {yaml_path}: expected a mapping of option: value")
-        data.update({k.replace("-", "_"): v for k, v in loaded.items()})
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    try:
-        config = TrainConfig(**data)
-    except ValidationError as err:
-        lines = [f"{source}: option {'.'.join(map(str, e['loc']))!r}: {e['msg']} (got {e.get('input')!r})"
-                 for e in err.errors()]
-        raise TrainConfigError("\n".join(lines)) from None
-    _check_objective_config(config, source)
+    """Defaults < YAML file < flags; the objective's own options are validated too."""
+    config = build_model(TrainConfig, yaml_path, overrides, TrainConfigError)
+    _check_objective_config(config, yaml_path or "flags")
     return config
 
 
@@ -80,6 +62,4 @@ def _check_objective_config(config: TrainConfig, source: str) -> None:
     try:
         ObjectiveConfig(**config.objective_config)
     except ValidationError as err:
-        lines = [f"{source}: option 'objective_config.{'.'.join(map(str, e['loc']))}': {e['msg']}"
-                 for e in err.errors()]
-        raise TrainConfigError("\n".join(lines)) from None
+        raise TrainConfigError(describe_validation_error(err, source, prefix="objective_config.")) from None

@@ -252,8 +252,7 @@ class Trainer:
         """Micro-batches forever, epoch after epoch; a newer dataset version (when --data names no
         version) is picked up at an epoch boundary, the same one on every rank."""
         while True:
-            for batch in self.loader:
-                yield batch
+            yield from self.loader
             self._maybe_follow_latest()
 
     def _maybe_follow_latest(self) -> None:

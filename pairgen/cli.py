@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import typing
 
-from pairgen.config import ConfigError, GenerationConfig, config_fields, load_config
+from pairgen.config import ConfigError, GenerationConfig, load_config
+from pairgen.options import add_model_flags, flag_overrides
 
 EXAMPLES = """examples:
   pairgen run                                   # the embedded shapes teacher, local Ray, ./pairs
@@ -16,30 +16,6 @@ EXAMPLES = """examples:
   pairgen run --config jobs/sd15_cfg3.yaml --num-pairs 4000000   # extend: commits a new version
   pairgen status s3://bucket/pairs/sd15-cfg3 --json
 """
-
-
-def _flag_type(annotation):
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) is typing.Literal:
-        return str, list(typing.get_args(annotation))
-    if args and typing.get_origin(annotation) is not typing.Literal:
-        inner = args[0]
-        if typing.get_origin(inner) is typing.Literal:
-            return str, list(typing.get_args(inner))
-        return inner, None
-    return annotation, None
-
-
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field, generated from the one definition in pairgen.config."""
-    for name, info in config_fields().items():
-        flag = "--" + name.replace("_", "-")
-        help_text = f"{info.description} [default: {info.default}]"
-        kind, choices = _flag_type(info.annotation)
-        if kind is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            parser.add_argument(flag, dest=name, type=kind, choices=choices, default=None, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Generate pairs. Every option can also come from --config YAML "
                          "(keys are the option names with underscores); flags override the file.")
     run.add_argument("--config", help="YAML file with any of the options below")
-    _add_config_flags(run)
+    add_model_flags(run, GenerationConfig)
     run.add_argument("--json", action="store_true", help="print the final summary as JSON on stdout")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=_cmd_run)
@@ -66,10 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=_cmd_status)
     return parser
-
-
-def _overrides(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in config_fields() if getattr(args, name, None) is not None}
 
 
 def _print_summary(summary: dict) -> None:
@@ -86,7 +58,7 @@ def _print_summary(summary: dict) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from pairgen.runner import PairgenRun
 
-    config: GenerationConfig = load_config(args.config, _overrides(args))
+    config: GenerationConfig = load_config(args.config, flag_overrides(args, GenerationConfig))
     summary = PairgenRun(config, progress=not args.no_progress).run().as_dict()
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pairgen.options import build_model
 
 SCHEDULERS = ("ddim", "dpmpp", "euler")
 
@@ -57,38 +57,6 @@ class GenerationConfig(BaseModel):
         return value
 
 
-def _describe(err: ValidationError, source: str) -> str:
-    lines = []
-    for item in err.errors():
-        field = ".".join(str(p) for p in item["loc"]) or "(config)"
-        lines.append(f"{source}: option {field!r}: {item['msg']} (got {item.get('input')!r})")
-    return "\n".join(lines)
-
-
 def load_config(yaml_path: str | None = None, overrides: dict | None = None) -> GenerationConfig:
     """Defaults < YAML file < flags. Unknown keys and bad values raise ConfigError naming them."""
-    data: dict = {}
-    source = "flags"
-    if yaml_path:
-        source = yaml_path
-        try:
-            loaded = yaml.safe_load(Path(yaml_path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {yaml_path} does not exist") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {yaml_path} is not valid YAML: {err}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {yaml_path}: expected a mapping of option: value")
-        data.update({k.replace("-", "_"): v for k, v in loaded.items()})
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    try:
-        return GenerationConfig(**data)
-    except ValidationError as err:
-        raise ConfigError(_describe(err, source)) from None
-
-
-def config_fields() -> dict:
-    """Field name -> pydantic FieldInfo, for building CLI flags from the one definition above."""
-    return GenerationConfig.model_fields
+    return build_model(GenerationConfig, yaml_path, overrides, ConfigError)

@@ -21,7 +21,6 @@ from pairgen.plan import ShardTask, plan_shards
 from pairgen.prompts import PromptSource, load_prompts
 from store import PairStore, ShardInfo
 
-
 # Test-only fault injection: the driver SIGKILLs itself after N shards finish in this run,
 # exactly as an operator's `kill -9` or a lost head node would.
 KILL_DRIVER_ENV = "D2G_FAULT_KILL_DRIVER_AFTER_SHARDS"

@@ -66,7 +66,7 @@ def load_teacher(name_or_path: str, dtype: str = "fp32", device: str | None = No
     source = resolve_teacher(name_or_path)
     try:
         pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=parse_dtype(dtype), revision=revision)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         raise TeacherError(f"cannot load teacher {name_or_path!r}: {err}") from err
     if not hasattr(pipe, "unet") and not hasattr(pipe, "transformer"):
         raise TeacherError(f"teacher {name_or_path!r} ({type(pipe).__name__}) has no UNet or transformer denoiser")

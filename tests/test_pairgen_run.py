@@ -16,7 +16,6 @@ from pairgen.runner import PairgenRun, RunError
 from pairgen.worker import CRASH_ENV
 from store import FingerprintMismatch, PairStore
 
-
 PROMPTS = "a red circle\na blue square\na green cat\n\na red square\n"
 
 
@@ -104,7 +103,7 @@ def test_worker_killed_mid_shard_is_retried(clean16, sd15_teacher, prompt_file, 
     assert _shard_hashes(out) == clean16
 
 
-def test_driver_killed_then_rerun_equals_clean_run(clean16, sd15_teacher, prompt_file, tmp_path):
+def test_driver_killed_then_rerun_equals_clean_run(clean16, ray_local, sd15_teacher, prompt_file, tmp_path):
     """The whole `pairgen run` process gets SIGKILL after its second shard; the same command,
     re-run, finishes the dataset without regenerating any finished shard."""
     out = str(tmp_path / "ds")
@@ -112,13 +111,16 @@ def test_driver_killed_then_rerun_equals_clean_run(clean16, sd15_teacher, prompt
             prompt_file, "--out", out, "--num-pairs", "16", "--shard-size", "4", "--steps", "3",
             "--guidance", "2", "--batch-size", "2", "--workers", "1", "--seed", "5", "--no-progress", "--json",
             "--commit-every", "1"]
-    env = dict(os.environ, D2G_FAULT_KILL_DRIVER_AFTER_SHARDS="2")
+    # The CLI joins the running local Ray as a cluster driver would (RAY_ADDRESS), rather than
+    # starting a Ray of its own.
+    cluster = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    env = dict(cluster, D2G_FAULT_KILL_DRIVER_AFTER_SHARDS="2")
     killed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     st = PairStore(out)
     done_before = set(st.complete_shards())
     assert len(done_before) >= 2 and len(done_before) < 4
-    resumed = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(args, env=cluster, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = json.loads(resumed.stdout)
     assert not set(summary["shards_generated"]) & done_before, "no finished shard is generated twice"
