@@ -52,6 +52,7 @@ class PairDataset(IterableDataset):
             )
         self.shuffle, self.seed, self.shuffle_block = bool(shuffle), int(seed), int(shuffle_block)
         self._rank_arg, self._world_arg = rank, world_size
+        self._freeze_dist()
         self.pad = bool(pad)
         self.read_ahead = max(0, int(read_ahead))
         self.on_corrupt = on_corrupt
@@ -75,6 +76,14 @@ class PairDataset(IterableDataset):
     @property
     def world_size(self) -> int:
         return self._dist()[1]
+
+    def _freeze_dist(self) -> None:
+        # DataLoader worker processes have no process group: pin rank/world while we are in the
+        # main process (at construction if torch.distributed is up, else when planning an epoch).
+        import torch.distributed as dist
+
+        if get_worker_info() is None and dist.is_available() and dist.is_initialized():
+            self._rank_arg, self._world_arg = self._dist()
 
     def _dist(self) -> tuple[int, int]:
         rank, world = self._rank_arg, self._world_arg
@@ -157,6 +166,7 @@ class PairDataset(IterableDataset):
     def _plan(self, num_workers: int) -> None:
         """Fix this iteration's per-worker spans (virtual positions). Called in the main process
         before workers are forked, so every worker sees the same plan."""
+        self._freeze_dist()
         a, b = self._rank_range()
         if self._spans is not None and len(self._spans) == num_workers:
             # Same worker count: keep each worker's original span and start the round robin at

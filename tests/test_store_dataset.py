@@ -160,3 +160,36 @@ def test_bad_arguments_are_named(dataset_url):
         PairDataset(dataset_url, on_corrupt="ignore")
     with pytest.raises(StoreError, match="existing versions: v1"):
         PairDataset(dataset_url + "@v4")
+
+
+def _ddp_rank(rank: int, url: str, tmp: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=2)
+    try:
+        ds = PairDataset(url, fields=("prompt",), shuffle_block=4)  # rank/world from the process group
+        # A spawned worker has no process group (a forked one inherits it): rank must come along.
+        got = _indices(PairLoader(ds, batch_size=2, num_workers=1, multiprocessing_context="spawn"))
+        with open(f"{tmp}/rank{rank}.json", "w") as f:
+            json.dump({"indices": got, "state": ds.state_dict()}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_real_process_group_ranks(dataset_url, tmp_path):
+    import json
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_ddp_rank, args=(r, dataset_url, str(tmp_path))) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    out = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [o["state"]["rank"] for o in out] == [0, 1] and out[0]["state"]["world_size"] == 2
+    assert len(out[0]["indices"]) == len(out[1]["indices"]) == 11
+    assert set(out[0]["indices"]) | set(out[1]["indices"]) == set(range(N))
