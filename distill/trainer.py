@@ -103,7 +103,11 @@ class Trainer:
         self.summary = TrainSummary(out=config.out)
         self.metrics = MetricsWriter(config.out, enabled=rank == 0)
         self._open_data(config.data)
-        if config.resume and (latest := self.checkpoints.latest()) is not None:
+        latest = self.checkpoints.latest()
+        if latest is not None and not config.resume:
+            raise TrainingStopped(f"{config.out} already holds checkpoints (latest: step {latest}); resume "
+                                  "(the default) or choose a new --out: checkpoints are never overwritten")
+        if latest is not None:
             self._restore(latest)
 
     # -- setup -----------------------------------------------------------------------------------

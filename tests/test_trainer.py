@@ -172,3 +172,25 @@ def test_trains_from_and_to_s3(pairs, sd15_teacher, s3_bucket):
     assert first.steps == 3 and again.resumed_from == 3 and again.steps == 4
     assert fs.exists(f"{run}/checkpoints/step-00000004/COMPLETE")
     assert len(fs.cat_file(f"{run}/metrics.jsonl").decode().splitlines()) == 4
+
+
+def test_a_newer_version_is_picked_up_at_an_epoch_boundary(ray_local, sd15_teacher, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    data = str(tmp_path / "pairs")
+
+    def generate(num_pairs):
+        PairgenRun(load_config(None, dict(teacher=str(sd15_teacher), prompts=str(prompts), out=data,
+                                          num_pairs=num_pairs, shard_size=8, steps=2, guidance=2.0,
+                                          batch_size=4, seed=1)), progress=False).run()
+
+    generate(16)
+    trainer = Trainer(_config(data, sd15_teacher, tmp_path / "run", max_steps=7))  # opens v1: 4 steps/epoch
+    generate(24)  # pairgen extends the dataset while training runs
+    summary = trainer.run(progress=False)
+    assert summary.data_version == 2
+    seen = _metrics(tmp_path / "run")
+    assert max(max(seen[s]["data/indices"]) for s in range(1, 5)) < 16, "epoch 0 reads v1"
+    assert trainer.dataset.num_samples == 24 and trainer.dataset.epoch == 1, "epoch 1 streams v2"
+    with pytest.raises(TrainingStopped, match="already holds checkpoints"):
+        Trainer(_config(data, sd15_teacher, tmp_path / "run", resume=False))
