@@ -101,7 +101,11 @@ def pairgen_run(teacher: Path, prompt_path: Path, out: str, n: int, batch: int, 
 
 
 def start_moto() -> str:
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request costs CPU
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
