@@ -74,3 +74,11 @@ def test_errors_are_one_line_with_exit_2(root_url):
     assert out.stderr.strip().splitlines() == [f"store: error: {root_url}@v5: no such version; existing versions: v1"]
     missing = run("verify", root_url + "-missing")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr and "no committed versions" in missing.stderr
+
+
+def test_unreachable_endpoint_is_one_line():
+    env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
+    out = subprocess.run([STORE, "info", "s3://no-bucket/pairs"], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Could not connect to the endpoint" in lines[0]
