@@ -124,6 +124,19 @@ class PairDataset(IterableDataset):
         if worker is not None:
             self._next_worker = (worker + 1) % max(1, num_workers)
 
+    def _account_unreported(self) -> None:
+        """After a full pass through a loader, positions never delivered were skipped in a worker
+        that had no later sample to report them on: count them against their shards."""
+        a, b = self._rank_range()
+        missing = self._consumed.subtract_from(a, b)
+        if not missing:
+            return
+        order = EpochOrder([s.num_samples for s in self.manifest.shards], self.seed, self.epoch, self.shuffle, self.shuffle_block)
+        for q, p, n in order.chunks(missing):
+            shard_ids, _ = order.locate(order.list_indices(p, n))
+            for j, sid in enumerate(shard_ids.tolist()):
+                self._record([], skipped=[(self.manifest.shards[sid].name, [q + j])])
+
     def state_dict(self) -> dict:
         rank, world = self._dist()
         return {

@@ -59,4 +59,6 @@ class PairLoader(DataLoader):
                 yield batch
         finally:
             ds._driven = False
+        if ds.epoch == epoch:
+            ds._account_unreported()
         ds._complete_epoch(epoch)

@@ -138,6 +138,19 @@ def test_corrupt_shard_skipped_and_counted(dataset_url):
     assert sorted(got2) == sorted(got) and ds2.state_dict()["skipped"] == {"shard-000001": 1}
 
 
+def test_skip_at_the_very_end_of_a_worker_is_still_counted(dataset_url):
+    fs, path = fsspec.core.url_to_fs(dataset_url)
+    row = pq.read_table(fs.open(f"{path}/index/shard-000002.parquet", "rb")).to_pylist()[-1]
+    tar = f"{path}/shards/shard-000002.tar"
+    data = bytearray(fs.cat_file(tar))
+    data[row["latent_offset"] + 200] ^= 0xFF  # sample 20: the last position of worker 1's span
+    fs.pipe_file(tar, bytes(data))
+    # shuffle_block=1: the last chunk holds only the bad sample, so no later sample can carry the news.
+    ds = PairDataset(dataset_url, shuffle=False, shuffle_block=1, on_corrupt="skip")
+    assert sorted(_indices(PairLoader(ds, batch_size=2, num_workers=2))) == list(range(20))
+    assert ds.skipped == {"shard-000002": 1} and ds.epoch == 1
+
+
 def test_unreadable_shard_skipped_whole(dataset_url):
     fs, path = fsspec.core.url_to_fs(dataset_url)
     fs.rm(f"{path}/shards/shard-000002.tar")
