@@ -10,7 +10,7 @@ import xxhash
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .errors import CorruptShardError, StoreError
-from .order import EpochOrder, IntervalSet, rank_range, split_by_count
+from .order import Base, EpochOrder, IntervalSet, rank_range, split_by_count
 from .pairstore import PairStore
 from .reading import META_FIELDS, Decoder, ShardIndex, array_members, decode_rows, fetch_range
 from .url import parse_url
@@ -63,6 +63,8 @@ class PairDataset(IterableDataset):
         self._spans: list[list[tuple[int, int]]] | None = None
         self._next_worker = 0
         self._driven = False
+        # Epoch positions this epoch still covers (None: all). Set only by an elastic resume.
+        self._base: list[tuple[int, int]] | None = None
 
     # -- ranks --------------------------------------------------------------------------------
     @property
@@ -97,9 +99,12 @@ class PairDataset(IterableDataset):
             raise StoreError(f"rank {rank} is outside world_size {world}")
         return rank, world
 
+    def _base_obj(self) -> Base:
+        return Base.full(self.num_samples) if self._base is None else Base(self._base)
+
     def _rank_range(self) -> tuple[int, int]:
         rank, world = self._dist()
-        return rank_range(self.num_samples, world, rank, self.pad)
+        return rank_range(self._base_obj().size, world, rank, self.pad)
 
     def __len__(self) -> int:
         a, b = self._rank_range()
@@ -111,6 +116,7 @@ class PairDataset(IterableDataset):
         self._consumed = IntervalSet()
         self._spans = None
         self._next_worker = 0
+        self._base = None
 
     def _complete_epoch(self, epoch: int) -> None:
         if self.epoch == epoch:  # idempotent: loader and dataset may both report the same end
@@ -132,7 +138,7 @@ class PairDataset(IterableDataset):
         if not missing:
             return
         order = EpochOrder([s.num_samples for s in self.manifest.shards], self.seed, self.epoch, self.shuffle, self.shuffle_block)
-        for q, p, n in order.chunks(missing):
+        for q, p, n in order.chunks(missing, self._base_obj()):
             shard_ids, _ = order.locate(order.list_indices(p, n))
             for j, sid in enumerate(shard_ids.tolist()):
                 self._record([], skipped=[(self.manifest.shards[sid].name, [q + j])])
@@ -155,13 +161,16 @@ class PairDataset(IterableDataset):
             "spans": None if self._spans is None else [[list(iv) for iv in s] for s in self._spans],
             "next_worker": self._next_worker,
             "skipped": dict(self.skipped),
+            "base": None if self._base is None else [list(iv) for iv in self._base],
         }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("format") != STATE_FORMAT:
             raise StoreError(f"unsupported PairDataset state format {state.get('format')!r} (expected {STATE_FORMAT})")
         mine = self.state_dict()
-        keys = ("version", "seed", "shuffle", "shuffle_block", "num_samples", "rank", "world_size", "pad")
+        merged = state.get("world_size") is None  # from merge_states: any rank layout may load it
+        keys = ("version", "seed", "shuffle", "shuffle_block", "num_samples", "pad")
+        keys += () if merged else ("rank", "world_size")
         bad = [f"{k}: saved {state.get(k)!r} vs now {mine[k]!r}" for k in keys if state.get(k) != mine[k]]
         if bad:
             raise StoreError(
@@ -174,6 +183,41 @@ class PairDataset(IterableDataset):
         self._spans = None if spans is None else [[tuple(iv) for iv in s] for s in spans]
         self._next_worker = int(state.get("next_worker", 0))
         self.skipped = dict(state.get("skipped", {}))
+        base = state.get("base")
+        self._base = None if base is None else [tuple(iv) for iv in base]
+
+    @staticmethod
+    def merge_states(states: list[dict]) -> dict:
+        """One state from every rank's state_dict() of the same step, loadable under any number of
+        ranks (elastic resume): the samples no rank has delivered yet are re-split evenly."""
+        if not states:
+            raise StoreError("merge_states needs the state of every rank")
+        first = states[0]
+        keys = ("format", "version", "epoch", "seed", "shuffle", "shuffle_block", "num_samples", "world_size", "pad", "base")
+        for st in states[1:]:
+            bad = [k for k in keys if st.get(k) != first.get(k)]
+            if bad:
+                raise StoreError(f"merge_states: states disagree on {bad}; they must come from one step of one job")
+        world = first["world_size"]
+        ranks = sorted(st["rank"] for st in states)
+        if world is None or ranks != list(range(world)):
+            raise StoreError(f"merge_states needs exactly one state per rank 0..{world - 1 if world else '?'}, got ranks {ranks}")
+        base = Base.full(first["num_samples"]) if first.get("base") is None else Base(first["base"])
+        delivered = IntervalSet()
+        skipped: dict[str, int] = {}
+        for st in states:
+            for a, b in base.epoch_positions([tuple(iv) for iv in st["consumed"]]):
+                delivered.add(a, b)
+            for shard, n in st.get("skipped", {}).items():
+                skipped[shard] = skipped.get(shard, 0) + n
+        remaining = IntervalSet()
+        for a, b in base.intervals:
+            for lo, hi in delivered.subtract_from(a, b):
+                remaining.add(lo, hi)
+        out = dict(first)
+        out.update(rank=None, world_size=None, consumed=[], num_consumed=0, spans=None, next_worker=0,
+                   skipped=skipped, base=remaining.to_list())
+        return out
 
     # -- planning ------------------------------------------------------------------------------
     def _plan(self, num_workers: int) -> None:
@@ -211,7 +255,7 @@ class PairDataset(IterableDataset):
         epoch = self.epoch
         order = EpochOrder([s.num_samples for s in self.manifest.shards], self.seed, epoch, self.shuffle, self.shuffle_block)
         pending_skips: list = []
-        for item in self._stream(order, self._worker_positions(worker)):
+        for item in self._stream(order, self._worker_positions(worker), self._base_obj()):
             if item[0] == "skip":
                 _, shard, positions = item
                 if direct:
@@ -230,12 +274,12 @@ class PairDataset(IterableDataset):
         if direct:
             self._complete_epoch(epoch)
 
-    def _stream(self, order: EpochOrder, intervals):
+    def _stream(self, order: EpochOrder, intervals, base: Base):
         """Items for `intervals` in position order. Byte ranges are fetched on background threads
         `read_ahead` chunks ahead; index parsing and decoding stay on this thread (pyarrow driven
         from pool threads can abort the interpreter at exit when an iterator is abandoned)."""
         reader = _ChunkReader(self)
-        chunks = order.chunks(intervals)
+        chunks = order.chunks(intervals, base)
         if self.read_ahead == 0:
             for q, p, n in chunks:
                 plan = reader.plan(order, q, p, n)

@@ -54,18 +54,57 @@ class EpochOrder:
         i = np.searchsorted(self.starts, L, side="right") - 1
         return self.shard_order[i], L - self.starts[i]
 
-    def chunks(self, intervals: list[tuple[int, int]]):
-        """Split virtual positions into runs that stay inside one block: (q, p, count).
-        Virtual positions past the end wrap around (rank padding)."""
-        N = self.num_samples
+    def chunks(self, intervals: list[tuple[int, int]], base: Base | None = None):
+        """Split virtual positions into runs that stay inside one block: (q, p, count), q the
+        virtual position and p the epoch position. Virtual position q is the (q mod M)-th position
+        of `base` (all N positions when None): positions past the end wrap around (rank padding)."""
+        base = base or Base.full(self.num_samples)
         for a, b in intervals:
-            q = a
-            while q < b:
-                p = q % N
-                blk_end = min((p // self.block + 1) * self.block, N)
-                take = min(b - q, blk_end - p)
-                yield q, p, take
-                q += take
+            for q, p, n in base.runs(a, b):
+                while n > 0:
+                    blk_end = (p // self.block + 1) * self.block
+                    take = min(n, blk_end - p)
+                    yield q, p, take
+                    q, p, n = q + take, p + take, n - take
+
+
+class Base:
+    """The epoch positions a (resumed) epoch still covers, as sorted intervals; virtual position
+    v means its (v mod size)-th element. A fresh epoch's base is all of [0, N)."""
+
+    def __init__(self, intervals):
+        self.intervals = [(int(a), int(b)) for a, b in intervals if b > a]
+        self.cum = np.concatenate([[0], np.cumsum([b - a for a, b in self.intervals])]).astype(np.int64)
+
+    @classmethod
+    def full(cls, n: int) -> Base:
+        return cls([(0, n)])
+
+    @property
+    def size(self) -> int:
+        return int(self.cum[-1])
+
+    def runs(self, a: int, b: int):
+        """(v, p, count) runs for virtual positions [a, b), each contiguous in epoch positions."""
+        M = self.size
+        if M == 0:
+            return
+        v = a
+        while v < b:
+            k = v % M
+            i = int(np.searchsorted(self.cum, k, side="right")) - 1
+            lo, hi = self.intervals[i]
+            p = lo + (k - int(self.cum[i]))
+            take = min(b - v, hi - p)
+            yield v, p, take
+            v += take
+
+    def epoch_positions(self, virtual: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        out = IntervalSet()
+        for a, b in virtual:
+            for _, p, n in self.runs(a, b):
+                out.add(p, p + n)
+        return out.to_list()
 
 
 def rank_range(num_samples: int, world_size: int, rank: int, pad: bool) -> tuple[int, int]:

@@ -206,3 +206,31 @@ def test_real_process_group_ranks(dataset_url, tmp_path):
     assert [o["state"]["rank"] for o in out] == [0, 1] and out[0]["state"]["world_size"] == 2
     assert len(out[0]["indices"]) == len(out[1]["indices"]) == 11
     assert set(out[0]["indices"]) | set(out[1]["indices"]) == set(range(N))
+
+
+def test_elastic_resume_on_a_different_number_of_ranks(dataset_url):
+    import json
+
+    def rank_ds(r, world):
+        return PairDataset(dataset_url, fields=("prompt",), shuffle_block=4, rank=r, world_size=world)
+
+    states, delivered = [], []
+    for r in (0, 1):
+        ds = rank_ds(r, 2)
+        it = iter(PairLoader(ds, batch_size=2, num_workers=1))
+        delivered += next(it)["index"].tolist() + next(it)["index"].tolist()
+        states.append(ds.state_dict())
+        del it
+    with pytest.raises(StoreError, match="one state per rank"):
+        PairDataset.merge_states(states[:1])
+    merged = json.loads(json.dumps(PairDataset.merge_states(states)))  # survives a checkpoint
+
+    got = {}
+    for r in range(3):
+        ds = rank_ds(r, 3)
+        ds.load_state_dict(merged)
+        got[r] = _indices(PairLoader(ds, batch_size=2, num_workers=2 if r == 0 else 0))
+        assert ds.epoch == 1 and ds.state_dict()["base"] is None
+    remaining = set(range(N)) - set(delivered)
+    assert len(delivered) == 8 and [len(got[r]) for r in range(3)] == [5, 5, 5]  # ceil(13 / 3), padded
+    assert set(got[0]) | set(got[1]) | set(got[2]) == remaining
