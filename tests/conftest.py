@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
-# Never reach a model hub, and keep torch to the two cores this suite is sized for.
+# Never reach a model hub. One torch thread per process: the suite runs Ray actors and
+# subprocesses beside the test process on 2 cores, and oversubscribed threads slow every step ~10x.
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Fake credentials: moto accepts anything, and no test may touch a real account.
@@ -29,6 +32,13 @@ for key, value in {
 os.environ.pop("AWS_PROFILE", None)
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def _free_port() -> int:
