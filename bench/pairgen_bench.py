@@ -77,6 +77,18 @@ def bare_loop(teacher: Path, prompts: list[str], n: int, batch: int, steps: int,
     return n / (time.perf_counter() - began)
 
 
+def bare_loop_in_actor(teacher: Path, prompts: list[str], n: int, batch: int, steps: int, guidance: float) -> float:
+    """(a) again, inside a Ray actor with pairgen's resources: separates Ray's own cost from pairgen's."""
+    import ray
+
+    @ray.remote(num_cpus=0.5)
+    def run() -> float:
+        torch.set_num_threads(1)
+        return bare_loop(teacher, prompts, n, batch, steps, guidance)
+
+    return ray.get(run.remote())
+
+
 def solver_in_process(teacher: Path, prompts: list[str], n: int, batch: int, steps: int, guidance: float) -> float:
     from pairgen.noise import batch_noise
     from pairgen.solver import SolverSettings, TeacherSolver
@@ -144,16 +156,20 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.latent_size}; {args.num_pairs} pairs, batch {args.batch_size}, {args.steps} DDIM steps, "
               f"guidance {args.guidance}, 1 torch thread per worker", file=sys.stderr)
         a = bare_loop(teacher, prompts, *common)
+        a_actor = bare_loop_in_actor(teacher, prompts, *common)
         b = solver_in_process(teacher, prompts, *common)
         c = pairgen_run(teacher, prompt_path, str(tmp / "local"), *common)
         d = pairgen_run(teacher, prompt_path, s3_url, *common)
     ray.shutdown()
-    rows = [("(a) bare diffusers loop", a, a), ("(b) pairgen solver in-process", b, b),
+    rows = [("(a) bare diffusers loop", a, a), ("(a') the same loop inside a Ray task", a_actor, a_actor),
+            ("(b) pairgen solver in-process", b, b),
             ("(c) pairgen run, Ray, local disk", c["pairs_per_busy_worker_second"], c["pairs_per_second_per_worker"]),
             ("(d) pairgen run, Ray, moto S3", d["pairs_per_busy_worker_second"], d["pairs_per_second_per_worker"])]
     print(f"{'path':36s} {'pairs/s/worker':>15s} {'vs (a)':>8s} {'wall pairs/s':>13s} {'vs (a)':>8s}")
     for name, busy, wall in rows:
         print(f"{name:36s} {busy:15.2f} {busy / a:8.3f} {wall:13.2f} {wall / a:8.3f}")
+    print(f"inside Ray, pairgen against the same bare loop in a Ray task: (c)/(a') "
+          f"{c['pairs_per_busy_worker_second'] / a_actor:.3f}, (d)/(a') {d['pairs_per_busy_worker_second'] / a_actor:.3f}")
     print("pairs/s/worker: while the actor works on shards (solve + overlapped write). wall: the whole run,\n"
           "including actor start-up and teacher loading, which a long run amortises.")
     return 0
