@@ -38,23 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0 if args.command is None else 2
     from distill.checkpoint import CheckpointError
     from distill.objectives import ObjectiveError
     from distill.train_config import TrainConfigError
     from distill.trainer import TrainingStopped
+    from pairgen.options import run_command
     from pairgen.teacher import TeacherError
     from store import StoreError
 
-    try:
-        return int(args.func(args) or 0)
-    except (TrainConfigError, ObjectiveError, TeacherError, StoreError, CheckpointError, TrainingStopped) as err:
-        print(f"distill: error: {err}", file=sys.stderr)
-        return 2
+    expected = (TrainConfigError, ObjectiveError, TeacherError, StoreError, CheckpointError, TrainingStopped)
+    return run_command(build_parser(), argv, expected,
+                       "interrupted; re-run the same command to resume from the latest checkpoint")
 
 
 if __name__ == "__main__":

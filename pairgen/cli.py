@@ -7,7 +7,7 @@ import json
 import sys
 
 from pairgen.config import ConfigError, GenerationConfig, load_config
-from pairgen.options import add_model_flags, flag_overrides
+from pairgen.options import add_model_flags, flag_overrides, run_command
 
 EXAMPLES = """examples:
   pairgen run                                   # the embedded shapes teacher, local Ray, ./pairs
@@ -86,19 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     from pairgen.teacher import TeacherError
     from store import StoreError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0 if args.command is None else 2
-    try:
-        return args.func(args)
-    except (ConfigError, PromptSourceError, TeacherError, StoreError, RunError) as err:
-        print(f"pairgen: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("pairgen: interrupted; finished shards are kept, re-run the same command to continue", file=sys.stderr)
-        return 130
+    return run_command(build_parser(), argv, (ConfigError, PromptSourceError, TeacherError, StoreError, RunError),
+                       "interrupted; finished shards are kept, re-run the same command to continue")
 
 
 if __name__ == "__main__":
