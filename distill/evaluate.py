@@ -53,12 +53,12 @@ def evaluate(model_dir: str, data_url: str, num: int = 64, batch_size: int = 16,
         lpips = make_regression_loss("latent_lpips", weights=lpips_weights).eval()
     sums = {"student_mse": 0.0, "teacher_1step_mse": 0.0, "student_latent_lpips": 0.0,
             "teacher_1step_latent_lpips": 0.0}
-    count, guidance = 0, None
+    count, guidance, one_step = 0, None, None
     for batch, fingerprint in _held_out(data_url, num, batch_size):
-        solver_fp = fingerprint.get("solver", {})
-        guidance = solver_fp.get("guidance", 1.0)
-        one_step = TeacherSolver(teacher, SolverSettings(scheduler="ddim", steps=1, guidance=guidance,
-                                                         timestep_spacing="trailing"))
+        if one_step is None:  # the teacher's 1-step baseline uses the guidance the pairs were made with
+            guidance = fingerprint.get("solver", {}).get("guidance", 1.0)
+            one_step = TeacherSolver(teacher, SolverSettings(scheduler="ddim", steps=1, guidance=guidance,
+                                                             timestep_spacing="trailing"))
         target = batch["latent"].float()
         ours = student_latents(student, batch["prompt"], batch["noise"].float())
         baseline = one_step.solve(batch["prompt"], batch["noise"].float())["latent"].float()
