@@ -51,13 +51,16 @@ def evaluate(model_dir: str, data_url: str, num: int = 64, batch_size: int = 16,
         from distill.losses import make_regression_loss
 
         lpips = make_regression_loss("latent_lpips", weights=lpips_weights).eval()
-    sums = {"student_mse": 0.0, "teacher_1step_mse": 0.0, "student_latent_lpips": 0.0,
-            "teacher_1step_latent_lpips": 0.0}
-    count, guidance, one_step = 0, None, None
+    sums = {"student_mse": 0.0, "teacher_1step_mse": 0.0, "teacher_1step_unguided_mse": 0.0,
+            "student_latent_lpips": 0.0, "teacher_1step_latent_lpips": 0.0}
+    count, guidance, one_step, unguided = 0, None, None, None
     for batch, fingerprint in _held_out(data_url, num, batch_size):
         if one_step is None:  # the teacher's 1-step baseline uses the guidance the pairs were made with
             guidance = fingerprint.get("solver", {}).get("guidance", 1.0)
             one_step = TeacherSolver(teacher, SolverSettings(scheduler="ddim", steps=1, guidance=guidance,
+                                                             timestep_spacing="trailing"))
+            # Guidance extrapolates badly at one step: the unguided one-step teacher is the fairer floor.
+            unguided = TeacherSolver(teacher, SolverSettings(scheduler="ddim", steps=1, guidance=1.0,
                                                              timestep_spacing="trailing"))
         target = batch["latent"].float()
         ours = student_latents(student, batch["prompt"], batch["noise"].float())
@@ -65,6 +68,8 @@ def evaluate(model_dir: str, data_url: str, num: int = 64, batch_size: int = 16,
         n = len(target)
         sums["student_mse"] += float(((ours - target) ** 2).mean(dim=(1, 2, 3)).sum())
         sums["teacher_1step_mse"] += float(((baseline - target) ** 2).mean(dim=(1, 2, 3)).sum())
+        plain = unguided.solve(batch["prompt"], batch["noise"].float())["latent"].float()
+        sums["teacher_1step_unguided_mse"] += float(((plain - target) ** 2).mean(dim=(1, 2, 3)).sum())
         if lpips is not None:
             sums["student_latent_lpips"] += float(lpips(ours, target).sum())
             sums["teacher_1step_latent_lpips"] += float(lpips(baseline, target).sum())
