@@ -88,7 +88,9 @@ class ObjectiveConfig(BaseModel):
     add_feature_blocks: list[str] | None = None  # None: every down block and the mid block
     add_t_logit_mean: float = 1.0  # discriminator re-noising t ~ LogitNormal(mean, std), as LADD
     add_t_logit_std: float = Field(1.0, gt=0)
-    sd_weighting: Literal["exponential", "constant", "nfsd"] = "exponential"
+    # c(t) of the score-distillation loss: "exponential" is ADD's alpha_t (its ablation setting);
+    # ADD's final model used NFSD, which is not implemented (see docs/RESULTS.md).
+    sd_weighting: Literal["exponential", "constant"] = "exponential"
     sd_guidance_scale: float = Field(1.0, ge=1.0)
     sd_t_min: int = Field(20, ge=0)
     sd_t_max: int = Field(980, ge=0)
@@ -282,7 +284,6 @@ class Objective:
         if c.sd_weighting == "exponential":
             weight = self.schedule.coefficients(t, fake)[0].flatten()  # alpha_t
         else:
-            # "nfsd" is accepted as constant weighting: NFSD's own weighting is not reproduced (see report).
             weight = torch.ones(b, device=fake.device)
         per_sample = ((fake.float() - target.float()) ** 2).flatten(1).mean(dim=1)
         return (weight * per_sample).mean()
