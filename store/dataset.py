@@ -12,7 +12,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .errors import CorruptShardError, StoreError
 from .order import Base, EpochOrder, IntervalSet, rank_range, split_by_count
 from .pairstore import PairStore
-from .reading import META_FIELDS, Decoder, ShardIndex, array_members, decode_rows, fetch_range
+from .reading import META_FIELDS, Decoder, ShardIndex, array_members, decode_rows, fetch_range, hash_failures
 from .url import parse_url
 
 STATE_FORMAT = 1
@@ -367,7 +367,8 @@ class _ChunkReader:
         return {"q": q, "n": n, "groups": groups}
 
     def fetch(self, plan: dict) -> list:
-        """The planned byte ranges (or the error for each); pure I/O, safe on a pool thread."""
+        """The planned byte ranges with their hash failures (or the error for each); I/O and
+        hashing only, safe on a pool thread, so both overlap the consumer's decoding."""
         out = []
         for g in plan["groups"]:
             if "error" in g:
@@ -375,7 +376,9 @@ class _ChunkReader:
                 continue
             try:
                 start, end = g["range"]
-                out.append(fetch_range(self.store.fs, self.store._tar_path(g["shard"].name), g["url"], g["shard"].name, start, end))
+                buf = fetch_range(self.store.fs, self.store._tar_path(g["shard"].name), g["url"], g["shard"].name, start, end)
+                failed = hash_failures(buf, start, g["sidx"], g["rows"], self.members) if self.ds.verify_hashes else None
+                out.append((buf, failed))
             except CorruptShardError as exc:
                 out.append(exc)
         return out
@@ -387,14 +390,15 @@ class _ChunkReader:
         samples: list = [None] * n
         skipped = []
         skip = self.ds.on_corrupt == "skip"
-        for g, buf in zip(plan["groups"], bufs, strict=True):
+        for g, fetched in zip(plan["groups"], bufs, strict=True):
             shard, js = g["shard"], g["js"]
             bad: list | None = [] if skip else None
             try:
-                if isinstance(buf, CorruptShardError):
-                    raise buf
+                if isinstance(fetched, CorruptShardError):
+                    raise fetched
+                buf, failed = fetched
                 got = decode_rows(buf, g["range"][0], g["sidx"], g["rows"], self.fields, self.decoder, g["url"],
-                                  self.ds.verify_hashes, bad)
+                                  failed, bad)
             except CorruptShardError:
                 # The shard cannot be read at all (missing, truncated, bad index): skip all of it.
                 if not skip:

@@ -157,6 +157,22 @@ class Decoder:
         return cached
 
 
+def hash_failures(buf, base: int, sidx: ShardIndex, rows: list[int], members: list[str]) -> dict[int, str]:
+    """{position in rows: member} for every row whose member bytes do not match the index's xxh3.
+
+    Kept apart from decoding so the streaming reader can run it on its read-ahead threads right
+    after the fetch: xxhash releases the GIL, so checking overlaps the consumer's decoding."""
+    mv = memoryview(buf)
+    failed: dict[int, str] = {}
+    for j, r in enumerate(rows):
+        for m in members:
+            off = int(sidx.offsets[m][r]) - base
+            if xxhash.xxh3_64_hexdigest(mv[off : off + int(sidx.sizes[m][r])]) != sidx.hashes[m][r]:
+                failed[j] = m
+                break
+    return failed
+
+
 def decode_rows(
     buf: bytearray,
     base: int,
@@ -165,19 +181,22 @@ def decode_rows(
     fields: list[str],
     decoder: Decoder,
     url: str,
-    verify: bool = True,
+    failed: dict[int, str] | None = None,
     bad: list | None = None,
 ) -> list[dict | None]:
-    """Samples for `rows` from a buffer holding tar bytes [base, base+len(buf)). A sample that
-    fails its checks raises CorruptShardError, or, when `bad` is a list, is appended to it as
-    (position in rows, error) and comes back as None."""
+    """Samples for `rows` from a buffer holding tar bytes [base, base+len(buf)). `failed` is
+    hash_failures' result (None: not checked). A sample that fails its checks raises
+    CorruptShardError, or, when `bad` is a list, is appended to it as (position in rows, error)
+    and comes back as None."""
     arrays = array_members(fields)
     members = arrays + (["json"] if "json" in fields else [])
     out: list[dict | None] = []
     mv = memoryview(buf)
     for j, r in enumerate(rows):
         try:
-            out.append(_decode_row(mv, buf, base, sidx, r, fields, members, decoder, url, verify))
+            if failed and j in failed:
+                raise CorruptShardError(sidx.name, url, f"xxh3 mismatch in member {sidx.keys[r]}.{failed[j]}")
+            out.append(_decode_row(mv, buf, base, sidx, r, fields, members, decoder, url))
         except CorruptShardError as exc:
             if bad is None:
                 raise
@@ -186,13 +205,11 @@ def decode_rows(
     return out
 
 
-def _decode_row(mv, buf, base, sidx, r, fields, members, decoder, url, verify) -> dict:
+def _decode_row(mv, buf, base, sidx, r, fields, members, decoder, url) -> dict:
     sample: dict = {"index": int(sidx.indices[r]), "key": sidx.keys[r]}
     for m in members:
         off = int(sidx.offsets[m][r]) - base
         size = int(sidx.sizes[m][r])
-        if verify and xxhash.xxh3_64_hexdigest(mv[off : off + size]) != sidx.hashes[m][r]:
-            raise CorruptShardError(sidx.name, url, f"xxh3 mismatch in member {sidx.keys[r]}.{m}")
         if m == "json":
             sample["json"] = bytes(mv[off : off + size]).decode()
         else:
@@ -213,4 +230,5 @@ def read_samples(fs, path: str, url: str, sidx: ShardIndex, rows: list[int], fie
     members = members or ["json"]
     start, end = sidx.byte_range(rows, members)
     buf = fetch_range(fs, path, url, sidx.name, start, end)
-    return decode_rows(buf, start, sidx, rows, fields, decoder or Decoder(schema), url, verify)
+    failed = hash_failures(buf, start, sidx, rows, members) if verify else None
+    return decode_rows(buf, start, sidx, rows, fields, decoder or Decoder(schema), url, failed)
