@@ -55,6 +55,11 @@ class FrozenPerceptualLoss(nn.Module):
         return self.net(pred, target)
 
 
+# LatentLPIPS weights shipped with the package, by name: `weights="shapes"` is the one for the
+# embedded shapes teacher's VAE (trained by distill/lpips/shapes_data.py's recipe, docs/RESULTS.md).
+PACKAGED_LPIPS = {"shapes": Path(__file__).parent / "lpips" / "weights" / "shapes.safetensors"}
+
+
 def _latent_lpips(ensemble: bool) -> Callable[..., nn.Module]:
     def build(weights: str | os.PathLike | None = None, allow_random: bool = False, **kwargs) -> nn.Module:
         from distill.lpips.checkpoints import from_official, load_lpips
@@ -63,7 +68,7 @@ def _latent_lpips(ensemble: bool) -> Callable[..., nn.Module]:
         if not ensemble:
             kwargs.pop("augment", None)
         if weights is not None:
-            path = Path(weights)
+            path = PACKAGED_LPIPS.get(str(weights), Path(weights))
             # Our safetensors, or an official tuned .pth file.
             net = (
                 load_lpips(path, ensemble, **kwargs)
@@ -108,7 +113,7 @@ REGRESSION_LOSSES: dict[str, Callable[..., nn.Module]] = {
 def make_regression_loss(name: str, **kwargs) -> nn.Module:
     """Build a per-sample regression loss by name; see REGRESSION_LOSSES for the names.
 
-    latent_lpips / e_latent_lpips: weights=<path>, or allow_random=True; plus LatentLPIPS options
+    latent_lpips / e_latent_lpips: weights=<path or a PACKAGED_LPIPS name>, or allow_random=True; plus LatentLPIPS options
     (latent_channels, width, l1_weight, normalize, vae, and augment for the ensemble).
     pixel_lpips: vae=<AutoencoderKL or path>, vgg_weights=, lpips_weights= (or allow_random=True).
     pseudo_huber: c=<float> (default 0.00054*sqrt(C*H*W)).
