@@ -1,0 +1,127 @@
+"""Sample quality on the shapes world: how good a latent sampler (teacher or student) is, measured
+with the packaged shapes evaluator, the miniature of the papers' FID / CLIP-score tables.
+
+A sampler is any function (prompts, noise [B, C, h, w]) -> latents [B, C, h, w] in the teacher's
+latent space. `ShapesQuality.score(sampler)` reports, on fixed prompts and held-out noises:
+- accuracy: fraction of images with every attribute right (and per attribute): the CLIP-score analogue;
+- frechet: Fréchet distance of evaluator features against real renderings: the FID analogue;
+- diversity: mean pairwise feature distance among K samples of the same prompt;
+- distance: MSE in latent space to the teacher's multi-step target from the same noise (what
+  Diffusion2GAN regresses to), on the same noises.
+The fixed sets are pure functions of the seeds below, so figures from different runs compare.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from distill.export import decode
+from pairgen.noise import batch_noise
+from pairgen.shapes import sampling, world
+from pairgen.shapes.evaluator import Evaluator, diversity, frechet_distance
+from pairgen.solver import SolverSettings, TeacherSolver
+
+Sampler = Callable[[list[str], torch.Tensor], torch.Tensor]
+
+# Seeds distinct from everything pairgen/training use by default (pairs: dataset seed 0).
+PROMPT_SEED, NOISE_SEED, REAL_SEED, DIVERSITY_SEED = 5_001, 5_002, 5_003, 5_004
+
+
+def teacher_sampler(pipe, steps: int, guidance: float) -> Sampler:
+    """The teacher's own deterministic DDIM (trailing grid, eta 0) at `steps` steps."""
+    solver = TeacherSolver(pipe, SolverSettings(scheduler="ddim", steps=steps, guidance=guidance,
+                                                timestep_spacing="trailing"))
+    return lambda prompts, noise: solver.solve(prompts, noise)["latent"].float()
+
+
+def student_sampler(pipe) -> Sampler:
+    """An exported one-step student (distill export)."""
+    from distill.export import student_latents
+
+    return lambda prompts, noise: student_latents(pipe, prompts, noise)
+
+
+def latency(fn: Callable[[], object], repeats: int) -> float:
+    """Seconds per call, after one warm-up call."""
+    fn()
+    began = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - began) / repeats
+
+
+class ShapesQuality:
+    """Fixed evaluation sets for the shapes teacher, and the scores of a sampler on them."""
+
+    def __init__(self, teacher_pipe, num: int = 256, diversity_prompts: int = 16, diversity_samples: int = 8,
+                 target_steps: int = 25, target_guidance: float = 3.0, batch_size: int = 128,
+                 evaluator: Evaluator | None = None):
+        self.teacher = teacher_pipe
+        self.judge = evaluator or Evaluator.load()
+        self.batch_size = batch_size
+        unet = teacher_pipe.unet.config
+        self.latent_shape = (unet.in_channels, unet.sample_size, unet.sample_size)
+        self.prompts, self.attributes = sampling.prompts(PROMPT_SEED, num, "train")
+        self.noise = batch_noise(NOISE_SEED, list(range(num)), self.latent_shape)
+        real_images, _, _ = world.batch(REAL_SEED, 0, num, "train")
+        self.real_features = self.judge.features(real_images)
+        div_prompts, _ = sampling.prompts(DIVERSITY_SEED, diversity_prompts, "train")
+        self.diversity_shape = (diversity_prompts, diversity_samples)
+        self.diversity_prompts = [p for p in div_prompts for _ in range(diversity_samples)]
+        self.diversity_noise = batch_noise(DIVERSITY_SEED, list(range(len(self.diversity_prompts))), self.latent_shape)
+        self.target_settings = (target_steps, target_guidance)
+        self._targets: torch.Tensor | None = None
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """The teacher's multi-step latents for the fixed noises: what a distilled student aims at."""
+        if self._targets is None:
+            self._targets = self.latents(teacher_sampler(self.teacher, *self.target_settings))
+        return self._targets
+
+    @torch.no_grad()
+    def latents(self, sampler: Sampler, prompts: list[str] | None = None,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
+        prompts = self.prompts if prompts is None else prompts
+        noise = self.noise if noise is None else noise
+        chunks = [sampler(prompts[i:i + self.batch_size], noise[i:i + self.batch_size])
+                  for i in range(0, len(prompts), self.batch_size)]
+        return torch.cat(chunks).float()
+
+    @torch.no_grad()
+    def images(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decoded with the teacher's VAE (a student shares it), [N, 3, H, W] in [0, 1], quantised to
+        8 bits as a saved image would be."""
+        images = torch.cat([decode(self.teacher, chunk) for chunk in latents.split(self.batch_size)])
+        return (images * 255).round() / 255
+
+    @torch.no_grad()
+    def score(self, sampler: Sampler) -> dict:
+        latents = self.latents(sampler)
+        images = self.images(latents)
+        accuracy = self.judge.attribute_accuracy(images * 2 - 1, self.attributes)
+        div_images = self.images(self.latents(sampler, self.diversity_prompts, self.diversity_noise))
+        p, k = self.diversity_shape
+        return {
+            "accuracy": accuracy["all"],
+            "accuracy_by_attribute": {a: v for a, v in accuracy.items() if a != "all"},
+            "frechet": frechet_distance(self.judge.features(images * 2 - 1), self.real_features),
+            "diversity": diversity(self.judge.features(div_images * 2 - 1).view(p, k, -1)),
+            "distance": float(((latents - self.targets) ** 2).mean()),
+            "num": len(self.prompts),
+        }
+
+    def real_floor(self) -> dict:
+        """The same measures for real renderings: Fréchet between two real sets, real diversity."""
+        import numpy as np
+
+        other, _, _ = world.batch(REAL_SEED + 1, 0, len(self.prompts), "train")
+        p, k = self.diversity_shape
+        rng = np.random.default_rng(DIVERSITY_SEED)
+        _, div_attrs = sampling.prompts(DIVERSITY_SEED, p, "train")
+        real = np.stack([world.render(a, rng) for a in div_attrs for _ in range(k)])
+        return {"frechet": frechet_distance(self.judge.features(other), self.real_features),
+                "diversity": diversity(self.judge.features(real).view(p, k, -1))}
