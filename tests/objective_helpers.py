@@ -47,22 +47,34 @@ def mse_to_target(obj, pairs: dict) -> float:
     return float(((out - pairs["latent"]) ** 2).mean())
 
 
-def train(obj, pairs: dict, steps: int, lr_g: float = 1e-3, lr_d: float = 1e-3, callback=None) -> list[dict]:
-    """Alternating G/D steps with AdamW, the way the trainer will drive an objective.
-    `callback(steps_done)` runs after every step (measurements)."""
+def minibatch(pairs: dict, size: int | None, generator: torch.Generator) -> dict:
+    """A random minibatch of `size` pairs (all pairs when size is None)."""
+    n = len(pairs["prompt"])
+    if size is None or size >= n:
+        return pairs
+    idx = torch.randperm(n, generator=generator)[:size]
+    return {k: ([v[i] for i in idx] if isinstance(v, list) else v[idx]) for k, v in pairs.items()}
+
+
+def train(obj, pairs: dict, steps: int, lr_g: float = 1e-3, lr_d: float = 1e-3, callback=None,
+          batch_size: int | None = None, seed: int = 0) -> list[dict]:
+    """Alternating G/D steps with AdamW, the way the trainer drives an objective; every step sees
+    all pairs, or a random minibatch of `batch_size`. `callback(steps_done)` runs after every step."""
     opt_g = torch.optim.AdamW(obj.generator.parameters(), lr=lr_g, weight_decay=0.0)
     opt_d = torch.optim.AdamW(obj.discriminator.parameters(), lr=lr_d, weight_decay=0.0) if obj.discriminator else None
     history = []
+    order = torch.Generator().manual_seed(seed)
     for step in range(steps):
+        batch = minibatch(pairs, batch_size, order)
         logs = {}
         if opt_d is not None:
             opt_d.zero_grad(set_to_none=True)
-            d_loss, d_logs = obj.discriminator_loss(pairs, step)
+            d_loss, d_logs = obj.discriminator_loss(batch, step)
             d_loss.backward()
             opt_d.step()
             logs.update(d_logs)
         opt_g.zero_grad(set_to_none=True)
-        g_loss, g_logs = obj.generator_loss(pairs, step)
+        g_loss, g_logs = obj.generator_loss(batch, step)
         g_loss.backward()
         opt_g.step()
         logs.update(g_logs)

@@ -9,8 +9,8 @@ time budget; bench-style longer runs belong to the trainer.
 ADD alone (adversarial + score distillation) is not expected to lower this distance with a
 random-weight teacher: its score-distillation target is the teacher's denoising, which for an
 untrained network is unrelated to the teacher's own ODE outputs. It is tested here in the
-combination the config allows (add + regression weight), and its discriminator's learning is
-tested in test_discriminator_add.py.
+combination the config allows (add + regression weight); ADD alone is tested on the trained shapes
+teacher in test_objectives_shapes.py, and its discriminator's learning in test_discriminator_add.py.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ CASES = [
     ("sd15_teacher", "add", 20, {"regression_weight": 1.0, "lambda_sd": 0.1, "lambda_gan": 0.1}),
     ("sdxl_teacher", "regression", 30, {}),
     ("sdxl_teacher", "d2g", 20, E_LPIPS),
+    ("sdxl_teacher", "add", 20, {"regression_weight": 1.0, "lambda_sd": 0.1, "lambda_gan": 0.1}),
 ]
 _PAIRS: dict = {}
 
