@@ -1,0 +1,280 @@
+"""The papers' comparisons in miniature, on the embedded shapes teacher -> docs/RESULTS.md.
+
+    .venv/bin/python bench/results.py                      # everything, then docs/RESULTS.md + docs/results.png
+    .venv/bin/python bench/results.py --rows teacher-25 d2g --steps 200   # a subset, quickly
+
+1. One pair dataset (pairgen through a local Ray: shapes://train prompts, 25-step DDIM, guidance 3).
+2. Every student row is trained from it with the same budget (steps, batch, learning rates, seed)
+   and exported (`distill export`); rows differ only in their objective settings (ROWS below).
+3. Every row, teachers included, is scored by `distill.quality.ShapesQuality` on the same prompts
+   and held-out noises: attribute accuracy, Fréchet distance, diversity, latent MSE to the 25-step
+   teacher's target; then latency per image at batch 1 (prompt to latent, and with decoding) on
+   this CPU, all rows measured one after the other in this process.
+Re-running reuses the pairs, finished trainings (the trainer resumes) and cached scores
+(`--work/scores/<row>.json`); `--rescore` recomputes the scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from distill.quality import ShapesQuality, latency, student_sampler, teacher_sampler  # noqa: E402
+
+GUIDANCE = 3.0
+# name -> (objective, objective_config, what it tests). Loss options of the LatentLPIPS rows are
+# filled in by lpips_kwargs().
+STUDENTS: dict[str, tuple[str, dict, str]] = {
+    "regression-mse": ("regression", {"regression_loss": "mse"}, "regression only, MSE"),
+    "regression-latent-lpips": ("regression", {"regression_loss": "latent_lpips"}, "regression only, LatentLPIPS"),
+    "regression-e-latent-lpips": ("regression", {"regression_loss": "e_latent_lpips"},
+                                  "regression only, E-LatentLPIPS"),
+    "d2g": ("d2g", {}, "Diffusion2GAN: E-LatentLPIPS + GAN, full discriminator"),
+    "d2g-no-multiscale": ("d2g", {"d2g_multiscale": False}, "d2g without multi-scale input branches"),
+    "d2g-no-r1": ("d2g", {"r1_gamma": 0.0}, "d2g without single-sample R1"),
+    "d2g-no-mix-and-match": ("d2g", {"mix_and_match": 0.0}, "d2g without mix-and-match"),
+    "add": ("add", {}, "ADD: hinge GAN on frozen teacher features + score distillation"),
+}
+TEACHERS: dict[str, tuple[int, float, str]] = {
+    "teacher-25": (25, GUIDANCE, "teacher, 25 DDIM steps, guidance 3 (the pairs' solver)"),
+    "teacher-4": (4, GUIDANCE, "teacher, 4 steps, guidance 3"),
+    "teacher-1": (1, GUIDANCE, "teacher, 1 step, guidance 3"),
+    "teacher-1-unguided": (1, 1.0, "teacher, 1 step, no guidance (the student's starting point)"),
+}
+ROWS = list(TEACHERS) + list(STUDENTS)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="bench-out/results", help="pairs, runs, exports and cached scores")
+    ap.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS, metavar="ROW", help=f"rows to run: {ROWS}")
+    ap.add_argument("--num-pairs", type=int, default=8192)
+    ap.add_argument("--pairs", default=None, help="use this existing pair store instead of generating --work/pairs")
+    ap.add_argument("--steps", type=int, default=800, help="training steps of every student")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr-g", type=float, default=1e-4)
+    ap.add_argument("--lr-d", type=float, default=1e-4)
+    ap.add_argument("--ema-decay", type=float, default=0.99)
+    ap.add_argument("--lambda-gan", type=float, default=None, help="override the d2g rows' GAN weight")
+    ap.add_argument("--objective-override", type=json.loads, default={}, metavar="JSON",
+                    help='objective options merged into every student row, e.g. \'{"regression_loss": "mse"}\'')
+    ap.add_argument("--lpips-weights", default="shapes",
+                    help="LatentLPIPS weights: the packaged 'shapes' (default), a .safetensors path, or 'random' "
+                         "(an untrained trunk of width 0.25)")
+    ap.add_argument("--seed", type=int, default=0, help="pair dataset seed and training seed")
+    ap.add_argument("--eval-num", type=int, default=1024, help="prompts/noises scored per row")
+    ap.add_argument("--latency-repeats", type=int, default=20, help="timed calls per row (0: skip latency)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (training and latency)")
+    ap.add_argument("--rescore", action="store_true", help="recompute cached scores")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "RESULTS.md"))
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON at the end")
+    return ap.parse_args(argv)
+
+
+def log(message: str) -> None:
+    print(f"[results {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def make_pairs(args, work: Path) -> str:
+    from pairgen.config import load_config
+    from pairgen.runner import PairgenRun
+
+    out = str(work / "pairs")
+    config = load_config(None, dict(teacher="shapes", prompts="shapes://train", out=out, num_pairs=args.num_pairs,
+                                    shard_size=512, steps=25, guidance=GUIDANCE, batch_size=128, workers=2,
+                                    seed=args.seed, commit_every=0))
+    summary = PairgenRun(config, progress=True).run()
+    log(f"pairs: {args.num_pairs} at {out} ({summary.pairs_generated} generated now)")
+    return out
+
+
+def lpips_kwargs(args) -> dict:
+    if args.lpips_weights == "random":
+        return {"allow_random": True, "width": 0.25}
+    return {"weights": args.lpips_weights}
+
+
+def objective_config(args, objective: str, overrides: dict) -> dict:
+    from distill.objectives import PRESETS
+
+    config = {**overrides, **args.objective_override}
+    loss = config.get("regression_loss", PRESETS[objective]["regression_loss"])
+    if loss in ("latent_lpips", "e_latent_lpips") and PRESETS[objective]["regression_weight"] > 0:
+        config["regression_kwargs"] = lpips_kwargs(args)
+    if objective == "d2g" and args.lambda_gan is not None:
+        config["lambda_gan"] = args.lambda_gan
+    return config
+
+
+def train_student(args, work: Path, name: str, pairs: str) -> tuple[str, dict]:
+    from distill.export import export_student
+    from distill.ray_launch import train
+    from distill.train_config import load_train_config
+
+    objective, overrides, _ = STUDENTS[name]
+    run, model = work / "runs" / name, work / "students" / name
+    settings = dict(
+        data=pairs, teacher="shapes", out=str(run), objective=objective,
+        objective_config=objective_config(args, objective, overrides), max_steps=args.steps,
+        batch_size=args.batch_size, lr_g=args.lr_g, lr_d=args.lr_d, ema_decay=args.ema_decay,
+        checkpoint_every=max(1, args.steps // 2), log_every=50, use_ray=False, threads=args.threads,
+        seed=args.seed)
+    config = load_train_config(None, settings)
+    began = time.perf_counter()
+    summary = train(config)
+    export_student(str(run), str(model))
+    log(f"{name}: trained to step {summary['steps']} ({time.perf_counter() - began:.0f} s)")
+    return str(model), {"objective": objective, "objective_config": config.objective_config,
+                        "lr_g": config.lr_g, "lr_d": config.lr_d, "train_seconds": summary.get("seconds"),
+                        "steps": summary["steps"]}
+
+
+def sampler_for(name: str, teacher, work: Path):
+    if name in TEACHERS:
+        steps, guidance, _ = TEACHERS[name]
+        return teacher_sampler(teacher, steps, guidance), teacher
+    from distill.export import load_student
+
+    student = load_student(str(work / "students" / name))
+    return student_sampler(student), student
+
+
+def measure_latency(name: str, sampler, pipe, quality: ShapesQuality, repeats: int) -> dict:
+    from distill.export import decode
+
+    prompt, noise = quality.prompts[:1], quality.noise[:1]
+    # The 25-step teacher is slow; fewer repeats keep the table quick without changing the median much.
+    n = max(3, repeats // 5) if name == "teacher-25" else repeats
+    to_latent = latency(lambda: sampler(prompt, noise), n)
+    decoded = latency(lambda: decode(pipe, sampler(prompt, noise)), n)
+    return {"latency_s": to_latent, "latency_decoded_s": decoded}
+
+
+def score_row(args, work: Path, name: str, teacher, quality: ShapesQuality, pairs: str | None) -> dict:
+    cache = work / "scores" / f"{name}.json"
+    if cache.exists() and not args.rescore:
+        return json.loads(cache.read_text())
+    row: dict = {"row": name, "what": (TEACHERS.get(name) or STUDENTS[name])[-1]}
+    if name in STUDENTS:
+        _, training = train_student(args, work, name, pairs)
+        earlier = json.loads(cache.read_text()).get("training", {}) if cache.exists() else {}
+        # A finished run resumes as a no-op: keep the record of the run that did the training.
+        row["training"] = earlier if earlier.get("steps") == training["steps"] else training
+    sampler, pipe = sampler_for(name, teacher, work)
+    row.update(quality.score(sampler))
+    log(f"{name}: accuracy {row['accuracy']:.3f}  frechet {row['frechet']:.1f}  diversity "
+        f"{row['diversity']:.2f}  distance {row['distance']:.4f}")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(row, indent=2))
+    return row
+
+
+def add_latencies(args, work: Path, rows: dict, teacher, quality: ShapesQuality) -> None:
+    """All rows timed one after the other in this process, so the ratios compare like with like."""
+    for name in rows:
+        sampler, pipe = sampler_for(name, teacher, work)
+        rows[name].update(measure_latency(name, sampler, pipe, quality, args.latency_repeats))
+    base = rows.get("teacher-25")
+    for row in rows.values():
+        if base:
+            row["speedup"] = base["latency_s"] / row["latency_s"]
+            row["speedup_decoded"] = base["latency_decoded_s"] / row["latency_decoded_s"]
+
+
+@torch.no_grad()
+def write_grid(work: Path, rows: dict, teacher, quality: ShapesQuality, path: Path, count: int = 10) -> None:
+    from distill.preview import grid_png
+
+    images = []
+    for name in rows:
+        sampler, _ = sampler_for(name, teacher, work)
+        images.append(quality.images(sampler(quality.prompts[:count], quality.noise[:count])))
+    path.write_bytes(grid_png(torch.cat(images), columns=count))
+
+
+def markdown(rows: dict, floor: dict) -> str:
+    cols = ("accuracy", "frechet", "diversity", "distance", "latency_s", "latency_decoded_s", "speedup",
+            "speedup_decoded")
+    head = ("row", "every attribute right", "Fréchet", "diversity", "MSE to 25-step target",
+            "ms / image to latent", "ms / image decoded", "speed-up", "speed-up decoded")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows.items():
+        cells = [f"`{name}`", f"{100 * r['accuracy']:.1f}%", f"{r['frechet']:.0f}", f"{r['diversity']:.2f}",
+                 f"{r['distance']:.4f}"]
+        cells += [f"{1000 * r[c]:.1f}" if c in r else "" for c in cols[4:6]]
+        cells += [f"{r[c]:.1f}x" if c in r else "" for c in cols[6:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Real renderings: Fréchet between two real sets {floor['frechet']:.0f} (the floor), "
+              f"diversity {floor['diversity']:.2f}."]
+    return "\n".join(lines)
+
+
+BEGIN, END = "<!-- results:begin (written by bench/results.py) -->", "<!-- results:end -->"
+
+
+def write_results_section(path: Path, body: str) -> None:
+    """Replace the generated section of RESULTS.md, keeping the prose around it."""
+    text = path.read_text() if path.exists() else f"# Results\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{path}: markers {BEGIN!r} / {END!r} missing; add them where the table goes")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    path.write_text(f"{head}{BEGIN}\n{body}\n{END}{tail}")
+
+
+def command_line(argv) -> str:
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join([".venv/bin/python bench/results.py", *args])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    began = time.perf_counter()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    from pairgen.teacher import load_teacher
+
+    teacher = load_teacher("shapes")
+    quality = ShapesQuality(teacher, num=args.eval_num)
+    needs_pairs = any(name in STUDENTS for name in args.rows)
+    pairs = (args.pairs or make_pairs(args, work)) if needs_pairs else None
+    rows = {name: score_row(args, work, name, teacher, quality, pairs) for name in args.rows}
+    if args.latency_repeats > 0:
+        log("latency, every row in turn")
+        add_latencies(args, work, rows, teacher, quality)
+    floor = quality.real_floor()
+    # Only a run of every row replaces the published table; subsets write into --work.
+    publish = set(args.rows) == set(ROWS)
+    out = Path(args.out) if publish else work / "RESULTS.md"
+    grid = out.with_name("results.png")
+    write_grid(work, rows, teacher, quality, grid)
+    table = markdown(rows, floor)
+    print(table)
+    seconds = time.perf_counter() - began
+    body = (f"Measured {time.strftime('%Y-%m-%d')} with `{command_line(argv)}` (seed {args.seed}; "
+            f"{args.num_pairs} pairs; {args.steps} steps of batch {args.batch_size} per student; "
+            f"{args.eval_num} prompts and noises per row; torch {torch.__version__}, {args.threads} threads; "
+            f"{seconds / 60:.0f} min in all).\n\n{table}\n\n![rows of the table, same prompts and noises]({grid.name})\n")
+    write_results_section(out, body)
+    record = {"rows": rows, "floor": floor, "args": vars(args), "date": time.strftime("%Y-%m-%d"),
+              "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
+              "torch": torch.__version__, "seconds": seconds}
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str))
+    log(f"wrote {out}, {grid} and {out.with_suffix('.json')}")
+    if args.json:
+        print(json.dumps(record, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
