@@ -66,9 +66,10 @@ def train_student(args, pairs: str, run: str) -> dict:
 
 
 def _lpips_kwargs(args) -> dict:
-    # No published LatentLPIPS exists for the shapes VAE's latent space; until one is trained with
-    # `distill lpips train-trunk`, the trunk is random (random deep features still make a usable
-    # perceptual distance, and the ensemble's augmentations still apply).
+    if args.teacher == "shapes":
+        return {"weights": "shapes"}  # the packaged LatentLPIPS of the shapes VAE
+    # Another teacher's latent space has no LatentLPIPS here: a random trunk (random deep features
+    # still make a usable perceptual distance, and the ensemble's augmentations still apply).
     return {"allow_random": True, "width": 0.25}
 
 
