@@ -98,10 +98,32 @@ def comparison_grid(args, model_dir: str, report_dir: Path, count: int = 8) -> d
     return {"rows": list(rows), "prompts": prompts}
 
 
+@torch.no_grad()
+def shapes_quality(args, model_dir: str, num: int = 256) -> dict:
+    """With the shapes teacher: every-attribute accuracy of the student beside the teacher at
+    --teacher-steps and at one step (guided and unguided), judged by the evaluator. (Fréchet
+    distance is left to bench/results.py: at 256 samples it is mostly sample-size bias.)"""
+    from distill.export import load_student
+    from distill.quality import ShapesQuality, student_sampler, teacher_sampler
+    from pairgen.teacher import load_teacher
+
+    teacher = load_teacher("shapes")
+    quality = ShapesQuality(teacher, num=num)
+    samplers = {f"teacher_{args.teacher_steps}step": teacher_sampler(teacher, args.teacher_steps, args.guidance),
+                "teacher_1step": teacher_sampler(teacher, 1, args.guidance),
+                "teacher_1step_unguided": teacher_sampler(teacher, 1, 1.0),
+                "student_1step": student_sampler(load_student(model_dir))}
+    return {name: {"accuracy": quality.score(sampler)["accuracy"]} for name, sampler in samplers.items()}
+
+
 def write_report(report_dir: Path, sections: dict) -> Path:
     lines = ["# d2g demo report", "", f"Teacher: `{sections['teacher']}`. Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", ""]
     lines += ["## Held-out evaluation (`distill eval`)", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.5g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sections["eval"].items()]
+    if sections.get("quality"):
+        lines += ["", "## Judged by the shapes evaluator (`distill.quality`, 256 prompts, held-out noises)", "",
+                  "| sampler | every attribute right |", "|---|---|"]
+        lines += [f"| {name} | {100 * q['accuracy']:.1f}% |" for name, q in sections["quality"].items()]
     lines += ["", "## Grid", "", "Rows, top to bottom: " + ", ".join(sections["grid"]["rows"]) +
               "; columns: the same prompt and noise.", "", "![grid](grid.png)", ""]
     lines += ["Prompts: " + "; ".join(f"`{p}`" for p in sections["grid"]["prompts"]), ""]
@@ -162,7 +184,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{evaluation['teacher_1step_mse']:.4f}; {evaluation['speedup_vs_teacher']:.1f}x faster")
     began = _stage("6/6 report")
     grid = comparison_grid(args, model, report_dir)
-    path = write_report(report_dir, {"teacher": args.teacher, "eval": evaluation, "grid": grid, "stages": stages})
+    quality = shapes_quality(args, model) if args.teacher == "shapes" else None
+    if quality:
+        print("   every attribute right: " + ", ".join(f"{k} {100 * v['accuracy']:.1f}%" for k, v in quality.items()),
+              file=sys.stderr, flush=True)
+    path = write_report(report_dir, {"teacher": args.teacher, "eval": evaluation, "grid": grid, "stages": stages,
+                                     "quality": quality})
     _done(began, f"wrote {path} and {report_dir / 'grid.png'}")
     return 0
 
