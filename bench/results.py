@@ -266,7 +266,10 @@ def main(argv=None) -> int:
             f"{args.eval_num} prompts and noises per row; torch {torch.__version__}, {args.threads} threads; "
             f"{seconds / 60:.0f} min in all).\n\n{table}\n\n![rows of the table, same prompts and noises]({grid.name})\n")
     write_results_section(out, body)
-    record = {"rows": rows, "floor": floor, "args": vars(args), "date": time.strftime("%Y-%m-%d"),
+    # Paths relative to the repository, so the committed record names no machine's directories.
+    recorded_args = {**vars(args), "out": str(Path(args.out).resolve().relative_to(ROOT))
+                     if Path(args.out).resolve().is_relative_to(ROOT) else args.out}
+    record = {"rows": rows, "floor": floor, "args": recorded_args, "date": time.strftime("%Y-%m-%d"),
               "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
               "torch": torch.__version__, "seconds": seconds}
     out.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str))
