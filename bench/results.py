@@ -28,7 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distill.quality import ShapesQuality, latency, student_sampler, teacher_sampler  # noqa: E402
+from distill.evaluate import latency  # noqa: E402
+from distill.quality import ShapesQuality, student_sampler, teacher_sampler  # noqa: E402
 
 GUIDANCE = 3.0
 # name -> (objective, objective_config, what it tests). Loss options of the LatentLPIPS rows are
@@ -51,6 +52,7 @@ TEACHERS: dict[str, tuple[int, float, str]] = {
     "teacher-1-unguided": (1, 1.0, "teacher, 1 step, no guidance (the student's starting point)"),
 }
 ROWS = list(TEACHERS) + list(STUDENTS)
+TARGET_ROW = "teacher-25"  # the pairs' own solver: its latents are the students' targets
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -97,19 +99,14 @@ def make_pairs(args, work: Path) -> str:
     return out
 
 
-def lpips_kwargs(args) -> dict:
-    if args.lpips_weights == "random":
-        return {"allow_random": True, "width": 0.25}
-    return {"weights": args.lpips_weights}
-
-
 def objective_config(args, objective: str, overrides: dict) -> dict:
+    from distill.losses import latent_lpips_options
     from distill.objectives import PRESETS
 
     config = {**overrides, **args.objective_override}
     loss = config.get("regression_loss", PRESETS[objective]["regression_loss"])
     if loss in ("latent_lpips", "e_latent_lpips") and PRESETS[objective]["regression_weight"] > 0:
-        config["regression_kwargs"] = lpips_kwargs(args)
+        config["regression_kwargs"] = latent_lpips_options(args.lpips_weights)
     if objective == "d2g" and args.lambda_gan is not None:
         config["lambda_gan"] = args.lambda_gan
     return config
@@ -138,7 +135,10 @@ def train_student(args, work: Path, name: str, pairs: str) -> tuple[str, dict]:
                         "steps": summary["steps"]}
 
 
-def sampler_for(name: str, teacher, work: Path):
+def sampler_for(name: str, teacher, work: Path, quality: ShapesQuality):
+    """(sampler, pipeline whose VAE decodes its latents) of a row."""
+    if name == TARGET_ROW:
+        return quality.target_sampler, teacher
     if name in TEACHERS:
         steps, guidance, _ = TEACHERS[name]
         return teacher_sampler(teacher, steps, guidance), teacher
@@ -153,7 +153,7 @@ def measure_latency(name: str, sampler, pipe, quality: ShapesQuality, repeats: i
 
     prompt, noise = quality.prompts[:1], quality.noise[:1]
     # The 25-step teacher is slow; fewer repeats keep the table quick without changing the median much.
-    n = max(3, repeats // 5) if name == "teacher-25" else repeats
+    n = max(3, repeats // 5) if name == TARGET_ROW else repeats
     to_latent = latency(lambda: sampler(prompt, noise), n)
     decoded = latency(lambda: decode(pipe, sampler(prompt, noise)), n)
     return {"latency_s": to_latent, "latency_decoded_s": decoded}
@@ -169,7 +169,7 @@ def score_row(args, work: Path, name: str, teacher, quality: ShapesQuality, pair
         earlier = json.loads(cache.read_text()).get("training", {}) if cache.exists() else {}
         # A finished run resumes as a no-op: keep the record of the run that did the training.
         row["training"] = earlier if earlier.get("steps") == training["steps"] else training
-    sampler, pipe = sampler_for(name, teacher, work)
+    sampler, _ = sampler_for(name, teacher, work, quality)
     row.update(quality.score(sampler))
     log(f"{name}: accuracy {row['accuracy']:.3f}  frechet {row['frechet']:.1f}  diversity "
         f"{row['diversity']:.2f}  distance {row['distance']:.4f}")
@@ -178,40 +178,45 @@ def score_row(args, work: Path, name: str, teacher, quality: ShapesQuality, pair
     return row
 
 
-def add_latencies(args, work: Path, rows: dict, teacher, quality: ShapesQuality) -> None:
+def add_latencies(args, rows: dict, samplers: dict, quality: ShapesQuality) -> None:
     """All rows timed one after the other in this process, so the ratios compare like with like."""
-    for name in rows:
-        sampler, pipe = sampler_for(name, teacher, work)
+    for name, (sampler, pipe) in samplers.items():
         rows[name].update(measure_latency(name, sampler, pipe, quality, args.latency_repeats))
-    base = rows.get("teacher-25")
+    base = rows.get(TARGET_ROW)
+    if base is None:
+        return
     for row in rows.values():
-        if base:
-            row["speedup"] = base["latency_s"] / row["latency_s"]
-            row["speedup_decoded"] = base["latency_decoded_s"] / row["latency_decoded_s"]
+        row["speedup"] = base["latency_s"] / row["latency_s"]
+        row["speedup_decoded"] = base["latency_decoded_s"] / row["latency_decoded_s"]
 
 
 @torch.no_grad()
-def write_grid(work: Path, rows: dict, teacher, quality: ShapesQuality, path: Path, count: int = 10) -> None:
+def write_grid(samplers: dict, quality: ShapesQuality, path: Path, count: int = 10) -> None:
     from distill.preview import grid_png
 
-    images = []
-    for name in rows:
-        sampler, _ = sampler_for(name, teacher, work)
-        images.append(quality.images(sampler(quality.prompts[:count], quality.noise[:count])))
+    images = [quality.images(sampler(quality.prompts[:count], quality.noise[:count]))
+              for sampler, _ in samplers.values()]
     path.write_bytes(grid_png(torch.cat(images), columns=count))
 
 
+# (header, row key, format); a missing key (latency skipped) leaves the cell empty.
+COLUMNS = (
+    ("every attribute right", "accuracy", lambda v: f"{100 * v:.1f}%"),
+    ("Fréchet", "frechet", lambda v: f"{v:.0f}"),
+    ("diversity", "diversity", lambda v: f"{v:.2f}"),
+    ("MSE to 25-step target", "distance", lambda v: f"{v:.4f}"),
+    ("ms / image to latent", "latency_s", lambda v: f"{1000 * v:.1f}"),
+    ("ms / image decoded", "latency_decoded_s", lambda v: f"{1000 * v:.1f}"),
+    ("speed-up", "speedup", lambda v: f"{v:.1f}x"),
+    ("speed-up decoded", "speedup_decoded", lambda v: f"{v:.1f}x"),
+)
+
+
 def markdown(rows: dict, floor: dict) -> str:
-    cols = ("accuracy", "frechet", "diversity", "distance", "latency_s", "latency_decoded_s", "speedup",
-            "speedup_decoded")
-    head = ("row", "every attribute right", "Fréchet", "diversity", "MSE to 25-step target",
-            "ms / image to latent", "ms / image decoded", "speed-up", "speed-up decoded")
+    head = ("row", *(header for header, _, _ in COLUMNS))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
-        cells = [f"`{name}`", f"{100 * r['accuracy']:.1f}%", f"{r['frechet']:.0f}", f"{r['diversity']:.2f}",
-                 f"{r['distance']:.4f}"]
-        cells += [f"{1000 * r[c]:.1f}" if c in r else "" for c in cols[4:6]]
-        cells += [f"{r[c]:.1f}x" if c in r else "" for c in cols[6:]]
+        cells = [f"`{name}`", *(fmt(r[key]) if key in r else "" for _, key, fmt in COLUMNS)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Real renderings: Fréchet between two real sets {floor['frechet']:.0f} (the floor), "
               f"diversity {floor['diversity']:.2f}."]
@@ -245,19 +250,21 @@ def main(argv=None) -> int:
     from pairgen.teacher import load_teacher
 
     teacher = load_teacher("shapes")
-    quality = ShapesQuality(teacher, num=args.eval_num)
+    steps, guidance, _ = TEACHERS[TARGET_ROW]
+    quality = ShapesQuality(teacher, num=args.eval_num, target_steps=steps, target_guidance=guidance)
     needs_pairs = any(name in STUDENTS for name in args.rows)
     pairs = (args.pairs or make_pairs(args, work)) if needs_pairs else None
     rows = {name: score_row(args, work, name, teacher, quality, pairs) for name in args.rows}
+    samplers = {name: sampler_for(name, teacher, work, quality) for name in rows}
     if args.latency_repeats > 0:
         log("latency, every row in turn")
-        add_latencies(args, work, rows, teacher, quality)
+        add_latencies(args, rows, samplers, quality)
     floor = quality.real_floor()
     # Only a run of every row replaces the published table; subsets write into --work.
     publish = set(args.rows) == set(ROWS)
     out = Path(args.out) if publish else work / "RESULTS.md"
     grid = out.with_name("results.png")
-    write_grid(work, rows, teacher, quality, grid)
+    write_grid(samplers, quality, grid)
     table = markdown(rows, floor)
     print(table)
     seconds = time.perf_counter() - began

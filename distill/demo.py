@@ -66,11 +66,10 @@ def train_student(args, pairs: str, run: str) -> dict:
 
 
 def _lpips_kwargs(args) -> dict:
-    if args.teacher == "shapes":
-        return {"weights": "shapes"}  # the packaged LatentLPIPS of the shapes VAE
-    # Another teacher's latent space has no LatentLPIPS here: a random trunk (random deep features
-    # still make a usable perceptual distance, and the ensemble's augmentations still apply).
-    return {"allow_random": True, "width": 0.25}
+    from distill.losses import latent_lpips_options
+
+    # The packaged LatentLPIPS for the shapes VAE; other teachers' latent spaces have none here.
+    return latent_lpips_options("shapes" if args.teacher == "shapes" else "random")
 
 
 @torch.no_grad()
@@ -108,8 +107,8 @@ def shapes_quality(args, model_dir: str, num: int = 256) -> dict:
     from pairgen.teacher import load_teacher
 
     teacher = load_teacher("shapes")
-    quality = ShapesQuality(teacher, num=num)
-    samplers = {f"teacher_{args.teacher_steps}step": teacher_sampler(teacher, args.teacher_steps, args.guidance),
+    quality = ShapesQuality(teacher, num=num, target_steps=args.teacher_steps, target_guidance=args.guidance)
+    samplers = {f"teacher_{args.teacher_steps}step": quality.target_sampler,
                 "teacher_1step": teacher_sampler(teacher, 1, args.guidance),
                 "teacher_1step_unguided": teacher_sampler(teacher, 1, 1.0),
                 "student_1step": student_sampler(load_student(model_dir))}

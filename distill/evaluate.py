@@ -32,8 +32,9 @@ def _held_out(data_url: str, num: int, batch_size: int):
             return
 
 
-def _latency(fn, repeats: int) -> float:
-    fn()  # warm-up
+def latency(fn, repeats: int) -> float:
+    """Seconds per call, after one warm-up call."""
+    fn()
     began = time.perf_counter()
     for _ in range(repeats):
         fn()
@@ -81,10 +82,10 @@ def evaluate(model_dir: str, data_url: str, num: int = 64, batch_size: int = 16,
     noise1 = batch["noise"][:1].float()
     prompt1 = batch["prompt"][:1]
     teacher_multi = TeacherSolver(teacher, SolverSettings(scheduler="ddim", steps=teacher_steps, guidance=guidance))
-    report["latency_student_s"] = _latency(lambda: student_latents(student, prompt1, noise1), latency_repeats)
-    report["latency_student_decoded_s"] = _latency(
+    report["latency_student_s"] = latency(lambda: student_latents(student, prompt1, noise1), latency_repeats)
+    report["latency_student_decoded_s"] = latency(
         lambda: decode(student, student_latents(student, prompt1, noise1)), latency_repeats)
-    report[f"latency_teacher_{teacher_steps}step_s"] = _latency(
+    report[f"latency_teacher_{teacher_steps}step_s"] = latency(
         lambda: teacher_multi.solve(prompt1, noise1), max(1, latency_repeats // 2))
     report["speedup_vs_teacher"] = report[f"latency_teacher_{teacher_steps}step_s"] / report["latency_student_s"]
     return report

@@ -60,6 +60,15 @@ class FrozenPerceptualLoss(nn.Module):
 PACKAGED_LPIPS = {"shapes": Path(__file__).parent / "lpips" / "weights" / "shapes.safetensors"}
 
 
+def latent_lpips_options(weights: str) -> dict:
+    """Loss kwargs for a LatentLPIPS given by name: "random" is an untrained trunk of width 0.25 (for
+    latent spaces with no LatentLPIPS: random deep features still make a usable distance), anything
+    else a PACKAGED_LPIPS name or a weights path."""
+    if weights == "random":
+        return {"allow_random": True, "width": 0.25}
+    return {"weights": weights}
+
+
 def _latent_lpips(ensemble: bool) -> Callable[..., nn.Module]:
     def build(weights: str | os.PathLike | None = None, allow_random: bool = False, **kwargs) -> nn.Module:
         from distill.lpips.checkpoints import from_official, load_lpips

@@ -13,7 +13,6 @@ The fixed sets are pure functions of the seeds below, so figures from different 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
@@ -44,15 +43,6 @@ def student_sampler(pipe) -> Sampler:
     return lambda prompts, noise: student_latents(pipe, prompts, noise)
 
 
-def latency(fn: Callable[[], object], repeats: int) -> float:
-    """Seconds per call, after one warm-up call."""
-    fn()
-    began = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - began) / repeats
-
-
 class ShapesQuality:
     """Fixed evaluation sets for the shapes teacher, and the scores of a sampler on them."""
 
@@ -72,14 +62,16 @@ class ShapesQuality:
         self.diversity_shape = (diversity_prompts, diversity_samples)
         self.diversity_prompts = [p for p in div_prompts for _ in range(diversity_samples)]
         self.diversity_noise = batch_noise(DIVERSITY_SEED, list(range(len(self.diversity_prompts))), self.latent_shape)
-        self.target_settings = (target_steps, target_guidance)
+        # The teacher's multi-step sampler; score it through this object and its latents are the
+        # targets themselves, not sampled a second time.
+        self.target_sampler = teacher_sampler(teacher_pipe, target_steps, target_guidance)
         self._targets: torch.Tensor | None = None
 
     @property
     def targets(self) -> torch.Tensor:
         """The teacher's multi-step latents for the fixed noises: what a distilled student aims at."""
         if self._targets is None:
-            self._targets = self.latents(teacher_sampler(self.teacher, *self.target_settings))
+            self._targets = self.latents(self.target_sampler)
         return self._targets
 
     @torch.no_grad()
@@ -100,7 +92,7 @@ class ShapesQuality:
 
     @torch.no_grad()
     def score(self, sampler: Sampler) -> dict:
-        latents = self.latents(sampler)
+        latents = self.targets if sampler is self.target_sampler else self.latents(sampler)
         images = self.images(latents)
         accuracy = self.judge.attribute_accuracy(images * 2 - 1, self.attributes)
         div_images = self.images(self.latents(sampler, self.diversity_prompts, self.diversity_noise))
