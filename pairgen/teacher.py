@@ -9,7 +9,10 @@ from pathlib import Path
 import torch
 
 # Built-in teachers that ship inside the package (trained by the project's own scripts).
-ALIASES = {"shapes": Path(__file__).parent / "shapes" / "weights" / "teacher"}
+ALIASES = {
+    "shapes": Path(__file__).parent / "shapes" / "weights" / "teacher",  # SD1.5 layout
+    "shapes-xl": Path(__file__).parent / "shapes" / "weights" / "teacher-xl",  # SDXL layout
+}
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 

@@ -1,4 +1,4 @@
-"""The shapes teacher in the SD1.5 layout: offline loading, pinned DDIM, deterministic sampling.
+"""The shapes teachers (SD1.5 and SDXL layouts): offline loading, pinned DDIM, deterministic sampling.
 
 The loading-path tests build an untrained pipeline from the exact shipped configs
 (pairgen.shapes.models), so they run whether or not trained weights exist. The tests marked
@@ -87,3 +87,43 @@ def test_shipped_weights_fit_the_size_budget():
     root = WEIGHTS.parent
     total = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
     assert total <= 20 * 2**20, f"{root} holds {total / 2**20:.1f} MB, above the 20 MB budget"
+
+
+@needs_weights
+def test_shipped_sdxl_layout_teacher_loads_through_its_alias():
+    from diffusers import StableDiffusionXLPipeline
+
+    from pairgen.teacher import load_teacher
+
+    pipe = load_teacher("shapes-xl")
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    assert pipe.unet.config.addition_embed_type == "text_time"
+    assert pipe.config.force_zeros_for_empty_prompt
+    sd = load_teacher("shapes")  # the VAE is shared, scaling factor included
+    assert pipe.vae.config.scaling_factor == sd.vae.config.scaling_factor
+    assert np.array_equal(_sample(pipe, 2, 5), _sample(pipe, 2, 5))
+
+
+@needs_weights
+def test_sdxl_layout_training_conditions_the_unet_as_its_pipeline_does(tmp_path):
+    """The latents and unet stages with --layout sdxl, a few steps: the exported pipeline is an
+    SDXL one, and the stored text conditioning equals the pipeline's own encoding (zeros for the
+    empty prompt, as its guidance uses)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from pairgen.shapes import train
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    common = ["--layout", "sdxl", "--workdir", str(work), "--out", str(out), "--threads", "1"]
+    train.main(["--stage", "latents", "--components-from", str(WEIGHTS), "--latent-items", "64", *common])
+    train.main(["--stage", "unet", "--steps", "2", *common])
+    pipe = StableDiffusionXLPipeline.from_pretrained(out / "teacher-xl")
+    data = torch.load(work / "latents.pt", weights_only=True)
+    caption = data["captions"][1]
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=[caption], device=torch.device("cpu"),
+                                              do_classifier_free_guidance=False)
+    assert torch.allclose(data["embeddings"][1], embeds[0]) and torch.allclose(data["pooled"][1], pooled[0])
+    assert data["embeddings"][0].abs().sum() == 0 and data["pooled"][0].abs().sum() == 0
+    _, negative, _, negative_pooled = pipe.encode_prompt(prompt=[caption], device=torch.device("cpu"),
+                                                         do_classifier_free_guidance=True)
+    assert negative.abs().sum() == 0 and negative_pooled.abs().sum() == 0  # what guidance pairs with row 0

@@ -1,4 +1,4 @@
-"""Component configs of the shapes teacher (SD1.5 layout) and builders for each component.
+"""Component configs of the shapes teachers (SD1.5 and SDXL layouts) and builders for each component.
 
 Sizes follow the CPU trials recorded in issue 8: a (16, 32, 64) VAE giving 4x8x8 latents for
 32x32 images, a ~1M-parameter UNet with cross-attention at both levels, and a small frozen random
@@ -33,6 +33,19 @@ UNET_CONFIG = dict(
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8,
 )
+
+# The SDXL-layout teacher ("shapes-xl") shares the VAE, the tokenizer and the first text encoder
+# with the SD1.5-layout one. As in SDXL: a second encoder with a text projection (its pooled output
+# conditions the UNet with the six size/crop time ids), penultimate hidden states of both encoders
+# concatenated for cross-attention, and empty prompts replaced by zeros for guidance.
+TEXT_CONFIG_2 = dict(TEXT_CONFIG, projection_dim=32)
+XL_TIME_EMBED_DIM = 8
+XL_UNET_CONFIG = dict(
+    UNET_CONFIG, cross_attention_dim=2 * TEXT_CONFIG["hidden_size"], addition_embed_type="text_time",
+    addition_time_embed_dim=XL_TIME_EMBED_DIM,
+    projection_class_embeddings_input_dim=TEXT_CONFIG_2["projection_dim"] + 6 * XL_TIME_EMBED_DIM,
+)
+LAYOUTS = ("sd", "sdxl")
 
 # SD1.5's training noise schedule.
 NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -83,6 +96,17 @@ def build_text_encoder(tokenizer, seed: int = 0):
     return CLIPTextModel(config).eval().requires_grad_(False)
 
 
+def build_text_encoder_2(tokenizer, seed: int = 1):
+    """SDXL's second encoder: CLIP with a text projection, whose projected EOS state is the pooled embedding."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                            **TEXT_CONFIG_2)
+    return CLIPTextModelWithProjection(config).eval().requires_grad_(False)
+
+
 def build_vae(seed: int = 0):
     from diffusers import AutoencoderKL
 
@@ -90,11 +114,11 @@ def build_vae(seed: int = 0):
     return AutoencoderKL(**VAE_CONFIG)
 
 
-def build_unet(seed: int = 0):
+def build_unet(seed: int = 0, layout: str = "sd"):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(**UNET_CONFIG)
+    return UNet2DConditionModel(**(XL_UNET_CONFIG if layout == "sdxl" else UNET_CONFIG))
 
 
 def build_scheduler():
@@ -111,10 +135,17 @@ def alphas_cumprod() -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0).float()
 
 
-def assemble_pipeline(vae, text_encoder, tokenizer, unet):
-    """A StableDiffusionPipeline of the components, with the pinned DDIM scheduler."""
-    from diffusers import StableDiffusionPipeline
+def assemble_pipeline(vae, text_encoder, tokenizer, unet, text_encoder_2=None):
+    """A StableDiffusionPipeline of the components, with the pinned DDIM scheduler; a
+    StableDiffusionXLPipeline when a second text encoder is given."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if text_encoder_2 is not None:
+        return StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            tokenizer_2=tokenizer, unet=unet, scheduler=build_scheduler(), force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=build_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -128,6 +159,17 @@ def build_untrained_pipeline(folder: str | Path, seed: int = 0) -> Path:
     pipe = assemble_pipeline(build_vae(seed), build_text_encoder(tokenizer, seed), tokenizer, build_unet(seed))
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+@torch.no_grad()
+def encode_prompts_xl(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt_embeds, pooled) through the SDXL pipeline's own encode_prompt; the empty prompt gives
+    zeros, as the pipeline's guidance uses with force_zeros_for_empty_prompt."""
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=torch.device("cpu"),
+                                              num_images_per_prompt=1, do_classifier_free_guidance=False)
+    empty = torch.tensor([p == "" for p in prompts])
+    embeds[empty], pooled[empty] = 0.0, 0.0
+    return embeds, pooled
 
 
 @torch.no_grad()

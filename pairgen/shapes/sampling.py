@@ -10,17 +10,19 @@ import torch
 from pairgen.shapes import world
 
 TEACHER_PATH = Path(__file__).parent / "weights" / "teacher"
+TEACHER_XL_PATH = Path(__file__).parent / "weights" / "teacher-xl"
 
 
 def load_pipeline(path: str | Path = TEACHER_PATH):
-    """The teacher as a StableDiffusionPipeline, loaded offline, in eval mode, quiet."""
-    from diffusers import StableDiffusionPipeline
+    """The teacher (a StableDiffusionPipeline, or StableDiffusionXLPipeline for teacher-xl), loaded
+    offline, in eval mode, quiet."""
+    from diffusers import DiffusionPipeline
 
     path = Path(path)
     if not (path / "model_index.json").exists():
         raise FileNotFoundError(f"no shapes teacher at {path} (model_index.json missing); train it with "
                                 "`python -m pairgen.shapes.train --stage all` (docs/SHAPES.md)")
-    pipe = StableDiffusionPipeline.from_pretrained(path)
+    pipe = DiffusionPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

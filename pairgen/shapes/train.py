@@ -10,6 +10,15 @@ Stages (each resumable from its own checkpoint in --workdir with --resume):
              encoder, 10% empty captions for classifier-free guidance, EMA weights exported
              -> OUT/teacher (a StableDiffusionPipeline)
 
+--layout sdxl trains the SDXL-layout teacher instead (OUT/teacher-xl, a StableDiffusionXLPipeline):
+a second text encoder with a projection, pooled embeddings and size/crop time ids. With
+--components-from OUT/teacher it reuses that teacher's VAE (and scaling factor) and first text
+encoder, so only the latents and unet stages run:
+
+    python -m pairgen.shapes.train --layout sdxl --components-from pairgen/shapes/weights/teacher \
+        --stage latents --workdir /tmp/shapes-xl
+    python -m pairgen.shapes.train --layout sdxl --stage unet --steps 4000 --workdir /tmp/shapes-xl
+
 Batches and noise of step s are pure functions of (seed, s), so a resumed run replays exactly
 what an uninterrupted run would have done.
 """
@@ -200,7 +209,9 @@ def encode_latents(args) -> dict:
     from diffusers import AutoencoderKL
 
     t0 = time.time()
-    vae = AutoencoderKL.from_pretrained(args.workdir / "vae").eval()
+    vae = AutoencoderKL.from_pretrained(_component(args, "vae")).eval()
+    if args.components_from:  # the unet stage's export then finds every component in the workdir
+        vae.save_pretrained(args.workdir / "vae", safe_serialization=True)
     n, chunk = args.latent_items, 512
     means, stds, caption_ids, captions = [], [], [], {}
     for start in tqdm(range(0, n, chunk), desc="latents", mininterval=5, file=sys.stdout):
@@ -212,18 +223,33 @@ def encode_latents(args) -> dict:
     mean, std = torch.cat(means), torch.cat(stds)
     gen = torch.Generator().manual_seed(args.seed)
     sampled = mean + std * torch.randn(mean.shape, generator=gen)
-    # SD's latent scaling: 1 / std of the (sampled) latents of the training images.
-    scaling_factor = float(1.0 / sampled.std())
+    # SD's latent scaling: 1 / std of the (sampled) latents of the training images; a reused VAE
+    # keeps the factor its teacher was trained with.
+    scaling_factor = vae.config.scaling_factor if args.components_from else float(1.0 / sampled.std())
 
     tokenizer = models.build_tokenizer(args.workdir / "tokenizer")
-    text_encoder = models.build_text_encoder(tokenizer, args.seed)
+    if args.components_from:
+        from transformers import CLIPTextModel
+
+        text_encoder = CLIPTextModel.from_pretrained(_component(args, "text_encoder")).eval()
+    else:
+        text_encoder = models.build_text_encoder(tokenizer, args.seed)
     text_encoder.save_pretrained(args.workdir / "text_encoder", safe_serialization=True)
     texts = [""] + list(captions)  # row 0: the empty prompt, used for classifier-free guidance
-    embeddings = torch.cat([models.encode_prompts(tokenizer, text_encoder, texts[i:i + 256])
-                            for i in range(0, len(texts), 256)])
-    _atomic_save({"mean": mean, "std": std, "caption_ids": torch.tensor(caption_ids) + 1,
-                  "embeddings": embeddings, "scaling_factor": scaling_factor, "captions": texts},
-                 args.workdir / "latents.pt")
+    encoded = {"mean": mean, "std": std, "caption_ids": torch.tensor(caption_ids) + 1,
+               "scaling_factor": scaling_factor, "captions": texts}
+    chunks = [texts[i:i + 256] for i in range(0, len(texts), 256)]
+    if args.layout == "sdxl":
+        text_encoder_2 = models.build_text_encoder_2(tokenizer, args.seed + 1)
+        text_encoder_2.save_pretrained(args.workdir / "text_encoder_2", safe_serialization=True)
+        pipe = models.assemble_pipeline(vae, text_encoder, tokenizer, models.build_unet(args.seed, "sdxl"),
+                                        text_encoder_2)
+        pairs = [models.encode_prompts_xl(pipe, chunk) for chunk in chunks]
+        encoded["embeddings"] = torch.cat([e for e, _ in pairs])
+        encoded["pooled"] = torch.cat([p for _, p in pairs])
+    else:
+        encoded["embeddings"] = torch.cat([models.encode_prompts(tokenizer, text_encoder, c) for c in chunks])
+    _atomic_save(encoded, args.workdir / "latents.pt")
     summary = {"stage": "latents", "items": n, "unique_captions": len(captions),
                "scaling_factor": scaling_factor, "seconds": round(time.time() - t0, 1)}
     print(f"[latents] summary: {json.dumps(summary)}", flush=True)
@@ -236,8 +262,12 @@ def train_unet(args) -> dict:
     data = torch.load(args.workdir / "latents.pt", weights_only=True)
     mean, std, embeddings = data["mean"], data["std"], data["embeddings"]
     caption_ids, scale = data["caption_ids"], data["scaling_factor"]
+    pooled = data.get("pooled")
+    if (pooled is not None) != (args.layout == "sdxl"):
+        raise SystemExit(f"{args.workdir / 'latents.pt'} was encoded for the other layout; "
+                         f"re-run the latents stage with --layout {args.layout}")
     n = len(mean)
-    unet = models.build_unet(args.seed)
+    unet = models.build_unet(args.seed, args.layout)
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=LR["unet"], weight_decay=1e-2)
     ckpt_path = args.workdir / "unet.ckpt"
@@ -253,6 +283,9 @@ def train_unet(args) -> dict:
             raise SystemExit(f"--export-only needs a checkpoint at {ckpt_path} (and --resume)")
         steps = start  # export the checkpoint's EMA weights as they are, no further steps
     alphas = models.alphas_cumprod()
+    # SDXL's micro-conditioning as its pipeline sends it by default: original = target = image size, no crop.
+    time_ids = torch.tensor([[world.IMAGE_SIZE, world.IMAGE_SIZE, 0, 0, world.IMAGE_SIZE, world.IMAGE_SIZE]],
+                            dtype=torch.float32)
     unet.train()
 
     def step_fn(step: int) -> float:
@@ -265,7 +298,10 @@ def train_unet(args) -> dict:
         noise = torch.randn(latents.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        pred = unet(noisy, t, encoder_hidden_states=embeddings[cond]).sample
+        extra = {}
+        if pooled is not None:
+            extra["added_cond_kwargs"] = {"text_embeds": pooled[cond], "time_ids": time_ids.expand(bs, -1)}
+        pred = unet(noisy, t, encoder_hidden_states=embeddings[cond], **extra).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -274,7 +310,7 @@ def train_unet(args) -> dict:
         # Warm-up of the EMA decay so early weights do not dominate a short run.
         decay = min(EMA_DECAY, (1 + step) / (10 + step))
         with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), unet.parameters()):
+            for p_ema, p in zip(ema.parameters(), unet.parameters(), strict=True):
                 p_ema.lerp_(p, 1 - decay)
         return loss.item()
 
@@ -289,17 +325,25 @@ def train_unet(args) -> dict:
     return summary
 
 
+def _component(args, name: str) -> Path:
+    """Where a shared component is read by the latents stage: the --components-from teacher, else this workdir."""
+    return (args.components_from or args.workdir) / name
+
+
 def export_teacher(args, unet, scaling_factor: float) -> Path:
-    """Assemble the StableDiffusionPipeline and save it (safetensors) to OUT/teacher."""
+    """Assemble the pipeline and save it (safetensors) to OUT/teacher (OUT/teacher-xl for sdxl)."""
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     vae = AutoencoderKL.from_pretrained(args.workdir / "vae")
     vae.register_to_config(scaling_factor=scaling_factor)
     tokenizer = CLIPTokenizer.from_pretrained(args.workdir / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(args.workdir / "text_encoder")
-    pipe = models.assemble_pipeline(vae, text_encoder, tokenizer, unet.eval())
-    out = args.out / "teacher"
+    text_encoder_2 = None
+    if args.layout == "sdxl":
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(args.workdir / "text_encoder_2")
+    pipe = models.assemble_pipeline(vae, text_encoder, tokenizer, unet.eval(), text_encoder_2)
+    out = args.out / ("teacher-xl" if args.layout == "sdxl" else "teacher")
     pipe.save_pretrained(out, safe_serialization=True)
     print(f"[unet] teacher pipeline written to {out}", flush=True)
     return out
@@ -312,6 +356,11 @@ def parse_args(argv=None):
     p.add_argument("--workdir", required=True, type=Path, help="checkpoints and intermediate files")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "weights",
                    help="where teacher/ and evaluator/ are written (default: the packaged weights folder)")
+    p.add_argument("--layout", choices=models.LAYOUTS, default="sd",
+                   help="sd: the SD1.5-layout teacher (OUT/teacher); sdxl: the SDXL-layout one (OUT/teacher-xl)")
+    p.add_argument("--components-from", type=Path, default=None,
+                   help="a trained shapes teacher folder whose VAE and first text encoder are reused "
+                        "(the vae stage is then not needed)")
     p.add_argument("--resume", action="store_true", help="continue from WORKDIR/<stage>.ckpt if it exists")
     p.add_argument("--steps", type=int, default=None,
                    help=f"total steps of the stage (defaults {DEFAULT_STEPS}); with --resume, "
@@ -331,6 +380,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.stage == "all" and args.steps is not None:
         p.error("--steps applies to one stage; run the stages one by one to change them")
+    if args.components_from and not (args.components_from / "vae" / "config.json").exists():
+        p.error(f"--components-from {args.components_from}: no vae/config.json there (expected a shapes teacher folder)")
+    if args.layout == "sdxl" and args.stage == "all":
+        p.error("--layout sdxl: run --stage latents then --stage unet (with --components-from for the VAE)")
     return args
 
 
