@@ -287,19 +287,26 @@ class PairDataset(IterableDataset):
             return
         pool = ThreadPoolExecutor(max_workers=self.read_ahead, thread_name_prefix="pair-read-ahead")
         window: deque = deque()
+
+        def submit(plan: dict) -> list:
+            # One task per shard range, so the threads share even the first chunk's reads (a
+            # shuffle block spans several shards) instead of one thread reading it alone.
+            return [pool.submit(reader.fetch_group, g) for g in plan["groups"]]
+
         try:
             for q, p, n in chunks:
                 plan = reader.plan(order, q, p, n)
-                window.append((plan, pool.submit(reader.fetch, plan)))
+                window.append((plan, submit(plan)))
                 if len(window) > self.read_ahead:
-                    plan, fut = window.popleft()
-                    yield from reader.finish(plan, fut.result())
+                    plan, futs = window.popleft()
+                    yield from reader.finish(plan, [f.result() for f in futs])
             while window:
-                plan, fut = window.popleft()
-                yield from reader.finish(plan, fut.result())
+                plan, futs = window.popleft()
+                yield from reader.finish(plan, [f.result() for f in futs])
         finally:
-            for _, fut in window:
-                fut.cancel()
+            for _, futs in window:
+                for fut in futs:
+                    fut.cancel()
             pool.shutdown(wait=False, cancel_futures=True)
 
     def stats(self) -> dict:
@@ -367,21 +374,22 @@ class _ChunkReader:
         return {"q": q, "n": n, "groups": groups}
 
     def fetch(self, plan: dict) -> list:
-        """The planned byte ranges with their hash failures (or the error for each); I/O and
-        hashing only, safe on a pool thread, so both overlap the consumer's decoding."""
-        out = []
-        for g in plan["groups"]:
-            if "error" in g:
-                out.append(g["error"])
-                continue
-            try:
-                start, end = g["range"]
-                buf = fetch_range(self.store.fs, self.store._tar_path(g["shard"].name), g["url"], g["shard"].name, start, end)
-                failed = hash_failures(buf, start, g["sidx"], g["rows"], self.members) if self.ds.verify_hashes else None
-                out.append((buf, failed))
-            except CorruptShardError as exc:
-                out.append(exc)
-        return out
+        """The planned byte ranges with their hash failures (or the error for each)."""
+        return [self.fetch_group(g) for g in plan["groups"]]
+
+    def fetch_group(self, group: dict):
+        """One shard's byte range and its hash failures, or the error; I/O and hashing only, safe
+        on a pool thread, so both overlap the consumer's decoding."""
+        if "error" in group:
+            return group["error"]
+        try:
+            start, end = group["range"]
+            name = group["shard"].name
+            buf = fetch_range(self.store.fs, self.store._tar_path(name), group["url"], name, start, end)
+            failed = hash_failures(buf, start, group["sidx"], group["rows"], self.members) if self.ds.verify_hashes else None
+            return buf, failed
+        except CorruptShardError as exc:
+            return exc
 
     def finish(self, plan: dict, bufs: list) -> list:
         """Items for the plan's positions: ("sample", dict) in position order, and ("skip", shard,
