@@ -21,6 +21,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# The niceness pairgen gives the workers of a local Ray it starts itself (pairgen/runner.py); run
+# with RAY_worker_niceness=15 to see Ray's default, under which the busy driver and moto preempt them.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 import torch  # noqa: E402
 
@@ -140,12 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--channels", type=int, nargs=2, default=(64, 128))
     parser.add_argument("--latent-size", type=int, default=16)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of all five paths, interleaved so drift on a shared machine hits each "
+                             "alike; the table reports each path's median and the median of per-round ratios")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     s3_url = start_moto()  # before Ray starts, so its workers inherit the endpoint
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         teacher = build_teacher(tmp / "teacher", tuple(args.channels), args.latent_size)
@@ -154,25 +161,46 @@ def main(argv: list[str] | None = None) -> int:
         common = (args.num_pairs, args.batch_size, args.steps, args.guidance)
         print(f"teacher: SD1.5-architecture UNet channels {tuple(args.channels)}, latents 4x{args.latent_size}x"
               f"{args.latent_size}; {args.num_pairs} pairs, batch {args.batch_size}, {args.steps} DDIM steps, "
-              f"guidance {args.guidance}, 1 torch thread per worker", file=sys.stderr)
-        a = bare_loop(teacher, prompts, *common)
-        a_actor = bare_loop_in_actor(teacher, prompts, *common)
-        b = solver_in_process(teacher, prompts, *common)
-        c = pairgen_run(teacher, prompt_path, str(tmp / "local"), *common)
-        d = pairgen_run(teacher, prompt_path, s3_url, *common)
+              f"guidance {args.guidance}, 1 torch thread per worker, {args.repeat} round(s), Ray worker niceness "
+              f"{os.environ['RAY_worker_niceness']}", file=sys.stderr)
+        for r in range(args.repeat):
+            a = bare_loop(teacher, prompts, *common)
+            a_actor = bare_loop_in_actor(teacher, prompts, *common)
+            b = solver_in_process(teacher, prompts, *common)
+            c = pairgen_run(teacher, prompt_path, str(tmp / f"local{r}"), *common)
+            d = pairgen_run(teacher, prompt_path, f"{s3_url}{r}", *common)
+            rounds.append({"a": (a, a), "a'": (a_actor, a_actor), "b": (b, b),
+                           "c": (c["pairs_per_busy_worker_second"], c["pairs_per_second_per_worker"]),
+                           "d": (d["pairs_per_busy_worker_second"], d["pairs_per_second_per_worker"])})
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v[0] / a:.3f}" for k, v in rounds[-1].items()), file=sys.stderr)
     ray.shutdown()
-    rows = [("(a) bare diffusers loop", a, a), ("(a') the same loop inside a Ray task", a_actor, a_actor),
-            ("(b) pairgen solver in-process", b, b),
-            ("(c) pairgen run, Ray, local disk", c["pairs_per_busy_worker_second"], c["pairs_per_second_per_worker"]),
-            ("(d) pairgen run, Ray, moto S3", d["pairs_per_busy_worker_second"], d["pairs_per_second_per_worker"])]
+    print_table(rounds)
+    return 0
+
+
+def print_table(rounds: list[dict]) -> None:
+    """Median pairs/s per path, and the median over rounds of each path's ratio to (a) in the same round."""
+    from statistics import median
+
+    names = {"a": "(a) bare diffusers loop", "a'": "(a') the same loop inside a Ray task",
+             "b": "(b) pairgen solver in-process", "c": "(c) pairgen run, Ray, local disk",
+             "d": "(d) pairgen run, Ray, moto S3"}
     print(f"{'path':36s} {'pairs/s/worker':>15s} {'vs (a)':>8s} {'wall pairs/s':>13s} {'vs (a)':>8s}")
-    for name, busy, wall in rows:
-        print(f"{name:36s} {busy:15.2f} {busy / a:8.3f} {wall:13.2f} {wall / a:8.3f}")
-    print(f"inside Ray, pairgen against the same bare loop in a Ray task: (c)/(a') "
-          f"{c['pairs_per_busy_worker_second'] / a_actor:.3f}, (d)/(a') {d['pairs_per_busy_worker_second'] / a_actor:.3f}")
+    for key, name in names.items():
+        busy = median(r[key][0] for r in rounds)
+        wall = median(r[key][1] for r in rounds)
+        busy_ratio = median(r[key][0] / r["a"][0] for r in rounds)
+        wall_ratio = median(r[key][1] / r["a"][0] for r in rounds)
+        print(f"{name:36s} {busy:15.2f} {busy_ratio:8.3f} {wall:13.2f} {wall_ratio:8.3f}")
+    if len(rounds) > 1:
+        for key in ("c", "d"):
+            ratios = sorted(r[key][0] / r["a"][0] for r in rounds)
+            print(f"({key})/(a) per round: " + " ".join(f"{x:.3f}" for x in ratios))
+    in_ray = {key: median(r[key][0] / r["a'"][0] for r in rounds) for key in ("c", "d")}
+    print(f"inside Ray, pairgen against the same bare loop in a Ray task: (c)/(a') {in_ray['c']:.3f}, "
+          f"(d)/(a') {in_ray['d']:.3f}")
     print("pairs/s/worker: while the actor works on shards (solve + overlapped write). wall: the whole run,\n"
           "including actor start-up and teacher loading, which a long run amortises.")
-    return 0
 
 
 if __name__ == "__main__":
