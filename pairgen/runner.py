@@ -72,6 +72,10 @@ def _ensure_ray(num_cpus: int | None = None):
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
         else:
+            # Ray starts workers at niceness 15, so on a busy node every daemon, the driver and the
+            # storage client preempt the teacher actors (bench/pairgen_bench.py: 0.91-0.95 of a bare
+            # loop at 15, 0.97-1.02 at 0). A local Ray exists only for this run: its actors are the work.
+            os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
     return ray
 
