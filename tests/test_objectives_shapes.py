@@ -8,7 +8,7 @@ Here the teacher is real:
 - the student starts as the teacher's unguided one-step prediction: a blurred average image;
 - `d2g` regresses onto the guided ODE pairs: the held-out latent distance falls;
 - `add` does not regress onto pairs at all (its student may land on a different sharp image than
-  the ODE's for the same noise), so only the evaluator can judge it;
+  the ODE's for the same noise), so the evaluator judges it; its distance must only not grow;
 - every objective must raise every-attribute accuracy above the starting point's;
 - on the SDXL-layout teacher (pooled embeddings and time ids reach generator, discriminator heads
   and the score-distillation teacher) ADD alone runs the same check: the tiny random SDXL teachers
@@ -101,5 +101,9 @@ def test_objective_improves_the_student_on_the_shapes_teacher(name):
     # Measured here, from 4-step pairs: 83% -> 89% (d2g, 120 steps; 95% at 200), 89% (add, 200 steps);
     # on the SDXL-layout teacher 86% -> 91% (add, lr 2e-4; at 1e-4 it reached only 89%).
     assert after["accuracy"] >= before["accuracy"] + 0.03
-    if objective != "add":
+    if objective == "add":
+        # Not ADD's target, but a trained teacher's score distillation still moves the student
+        # towards the ODE's image (measured 0.86x, 0.87x); on a random teacher it went 1.2 -> 8.1.
+        assert after["distance"] < before["distance"]
+    else:
         assert after["distance"] < 0.8 * before["distance"]
