@@ -17,7 +17,7 @@ encoder, so only the latents and unet stages run:
 
     python -m pairgen.shapes.train --layout sdxl --components-from pairgen/shapes/weights/teacher \
         --stage latents --workdir /tmp/shapes-xl
-    python -m pairgen.shapes.train --layout sdxl --stage unet --steps 4000 --workdir /tmp/shapes-xl
+    python -m pairgen.shapes.train --layout sdxl --stage unet --steps 6000 --workdir /tmp/shapes-xl
 
 Batches and noise of step s are pure functions of (seed, s), so a resumed run replays exactly
 what an uninterrupted run would have done.
