@@ -10,13 +10,13 @@ env:
 	@bash scripts/setup_env.sh
 
 demo: env
-	$(PY) -m distill.demo $(DEMO_ARGS)
+	$(PY) -m d2g.demo $(DEMO_ARGS)
 
 test: env
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: env
-	$(VENV)/bin/ruff check store pairgen distill tests bench
+	$(VENV)/bin/ruff check store pairgen distill d2g tests bench
 
 clean-demo:
 	rm -rf demo-out

@@ -33,7 +33,7 @@ def build_pipeline(folder: Path, channels: list[int]) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from pairgen.clip_vocab import write_clip_tokenizer
+    from d2g.teacher.clip_vocab import write_clip_tokenizer
 
     torch.manual_seed(0)
     tok = write_clip_tokenizer(folder / "tokenizer", words="a red blue circle square".split())
@@ -58,8 +58,8 @@ def _train_step_worker(teacher: str, loss: str, batch: int, repeats: int) -> dic
 
     import torch
 
+    from d2g.teacher.loading import load_teacher
     from distill.objectives import make_objective
-    from pairgen.teacher import load_teacher
 
     pipe = load_teacher(teacher)
     kwargs = {"allow_random": True}
@@ -96,9 +96,9 @@ def _train_step_worker(teacher: str, loss: str, batch: int, repeats: int) -> dic
 def _generation_worker(teacher: str, repeats: int, steps: int, guidance: float) -> dict:
     import torch
 
+    from d2g.teacher.loading import load_teacher
+    from d2g.teacher.solver import SolverSettings, TeacherSolver
     from distill.export import decode, student_latents
-    from pairgen.solver import SolverSettings, TeacherSolver
-    from pairgen.teacher import load_teacher
 
     pipe = load_teacher(teacher)
     noise = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))

@@ -2,7 +2,7 @@
 
 Usage: OMP_NUM_THREADS=1 python bench/objectives_short_runs.py --arch sd15 --steps 200 \
            --runs regression d2g add add+reg
-Builds the tiny teacher (tests/tiny_teachers.py), makes 16 training and 8 held-out pairs with the
+Builds the tiny teacher (d2g/testing.py), makes 16 training and 8 held-out pairs with the
 teacher's 4-step trailing DDIM, trains each objective with AdamW, and prints the held-out MSE of
 the one-step student to the teacher's ODE output every `--every` steps, plus seconds per step.
 Run one at a time on a shared machine: concurrent torch processes slow each other down ~10x.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.helpers
 
 RUNS = {
     "regression": ("regression", {}),
@@ -31,11 +31,10 @@ RUNS = {
 
 
 def main() -> None:
-    from objective_helpers import make_pairs, mse_to_target, train
-    from tiny_teachers import build_sd15, build_sdxl
-
+    from d2g.teacher.loading import load_teacher
+    from d2g.testing import build_sd15, build_sdxl
     from distill.objectives import ObjectiveConfig, make_objective
-    from pairgen.teacher import load_teacher
+    from tests.helpers.objectives import make_pairs, mse_to_target, train
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")

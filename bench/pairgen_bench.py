@@ -33,7 +33,7 @@ def build_teacher(folder: Path, channels: tuple[int, int], latent: int) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from pairgen.clip_vocab import write_clip_tokenizer
+    from d2g.teacher.clip_vocab import write_clip_tokenizer
 
     torch.manual_seed(0)
     tok = write_clip_tokenizer(folder / "tokenizer", words="a red blue green circle square cat dog".split())
@@ -65,8 +65,8 @@ def prompts_file(folder: Path) -> Path:
 def bare_loop(teacher: Path, prompts: list[str], n: int, batch: int, steps: int, guidance: float) -> float:
     from diffusers import DiffusionPipeline
 
-    from pairgen.noise import batch_noise
-    from pairgen.schedulers import build_scheduler
+    from d2g.teacher.noise import batch_noise
+    from d2g.teacher.schedulers import build_scheduler
 
     pipe = DiffusionPipeline.from_pretrained(teacher)
     pipe.set_progress_bar_config(disable=True)
@@ -93,9 +93,9 @@ def bare_loop_in_actor(teacher: Path, prompts: list[str], n: int, batch: int, st
 
 
 def solver_in_process(teacher: Path, prompts: list[str], n: int, batch: int, steps: int, guidance: float) -> float:
-    from pairgen.noise import batch_noise
-    from pairgen.solver import SolverSettings, TeacherSolver
-    from pairgen.teacher import load_teacher
+    from d2g.teacher.loading import load_teacher
+    from d2g.teacher.noise import batch_noise
+    from d2g.teacher.solver import SolverSettings, TeacherSolver
 
     solver = TeacherSolver(load_teacher(str(teacher)), SolverSettings(steps=steps, guidance=guidance))
     began = time.perf_counter()

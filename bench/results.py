@@ -247,7 +247,7 @@ def main(argv=None) -> int:
     began = time.perf_counter()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    from pairgen.teacher import load_teacher
+    from d2g.teacher.loading import load_teacher
 
     teacher = load_teacher("shapes")
     steps, guidance, _ = TEACHERS[TARGET_ROW]

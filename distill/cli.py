@@ -38,12 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from d2g.cli.options import run_command
+    from d2g.teacher.loading import TeacherError
     from distill.checkpoint import CheckpointError
     from distill.objectives import ObjectiveError
     from distill.train_config import TrainConfigError
     from distill.trainer import TrainingStopped
-    from pairgen.options import run_command
-    from pairgen.teacher import TeacherError
     from store import StoreError
 
     expected = (TrainConfigError, ObjectiveError, TeacherError, StoreError, CheckpointError, TrainingStopped)

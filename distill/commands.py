@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from d2g.cli.options import add_model_flags, flag_overrides
 from distill.train_config import TrainConfig, TrainConfigError, load_train_config
-from pairgen.options import add_model_flags, flag_overrides
 
 
 def _cmd_train(args) -> int:
@@ -36,8 +36,8 @@ def _cmd_export(args) -> int:
 def _cmd_generate(args) -> int:
     import torch
 
+    from d2g.teacher.noise import sample_noise
     from distill.export import decode, load_student, save_pngs, student_latents
-    from pairgen.noise import sample_noise
 
     pipe = load_student(args.model)
     prompts = args.prompt * args.num

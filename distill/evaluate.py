@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from d2g.teacher.loading import load_teacher
+from d2g.teacher.solver import SolverSettings, TeacherSolver
 from distill.export import STUDENT_INFO, decode, load_student, student_latents
-from pairgen.solver import SolverSettings, TeacherSolver
-from pairgen.teacher import load_teacher
 from store import PairDataset, PairLoader
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
+from d2g.teacher.loading import load_teacher
+from d2g.teacher.schedulers import solver_kwargs
 from distill.checkpoint import CheckpointError, CheckpointStore
 from distill.train_config import TrainConfig
-from pairgen.schedulers import solver_kwargs
-from pairgen.teacher import load_teacher
 
 STUDENT_INFO = "d2g_student.json"
 

@@ -56,7 +56,7 @@ class FrozenPerceptualLoss(nn.Module):
 
 
 # LatentLPIPS weights shipped with the package, by name: `weights="shapes"` is the one for the
-# embedded shapes teacher's VAE (trained by distill/lpips/shapes_data.py's recipe, docs/RESULTS.md).
+# embedded shapes teacher's VAE (trained by d2g/shapes/lpips_data.py's recipe, docs/RESULTS.md).
 PACKAGED_LPIPS = {"shapes": Path(__file__).parent / "lpips" / "weights" / "shapes.safetensors"}
 
 

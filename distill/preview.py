@@ -11,7 +11,7 @@ import posixpath
 import fsspec
 import torch
 
-from pairgen.noise import sample_noise
+from d2g.teacher.noise import sample_noise
 
 PREVIEW_SEED = 1234
 PREVIEW_COUNT = 8

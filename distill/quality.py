@@ -17,11 +17,11 @@ from collections.abc import Callable
 
 import torch
 
+from d2g.shapes import sampling, world
+from d2g.shapes.evaluator import Evaluator, diversity, frechet_distance
+from d2g.teacher.noise import batch_noise
+from d2g.teacher.solver import SolverSettings, TeacherSolver
 from distill.export import decode
-from pairgen.noise import batch_noise
-from pairgen.shapes import sampling, world
-from pairgen.shapes.evaluator import Evaluator, diversity, frechet_distance
-from pairgen.solver import SolverSettings, TeacherSolver
 
 Sampler = Callable[[list[str], torch.Tensor], torch.Tensor]
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pairgen.options import build_model, describe_validation_error
+from d2g.cli.options import build_model, describe_validation_error
 
 
 class TrainConfigError(ValueError):

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from d2g.teacher.loading import load_teacher, pick_device
 from distill.checkpoint import CheckpointStore
 from distill.ema import EMA
 from distill.metrics import MetricsWriter
 from distill.objectives import NonFiniteLossError, make_objective
 from distill.train_config import TrainConfig
-from pairgen.teacher import load_teacher, pick_device
 from store import PairDataset, PairLoader, PairStore, parse_url
 
 WEIGHT_GROUPS = ("generator", "ema", "discriminator")

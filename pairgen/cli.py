@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
+from d2g.cli.options import add_model_flags, flag_overrides, run_command
 from pairgen.config import ConfigError, GenerationConfig, load_config
-from pairgen.options import add_model_flags, flag_overrides, run_command
 
 EXAMPLES = """examples:
   pairgen run                                   # the embedded shapes teacher, local Ray, ./pairs
@@ -81,9 +81,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from d2g.teacher.loading import TeacherError
     from pairgen.prompts import PromptSourceError
     from pairgen.runner import RunError
-    from pairgen.teacher import TeacherError
     from store import StoreError
 
     return run_command(build_parser(), argv, (ConfigError, PromptSourceError, TeacherError, StoreError, RunError),

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pairgen.options import build_model
+from d2g.cli.options import build_model
 
 SCHEDULERS = ("ddim", "dpmpp", "euler")
 

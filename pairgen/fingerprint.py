@@ -11,10 +11,10 @@ from pathlib import Path
 
 import xxhash
 
+from d2g.teacher.noise import NOISE_RULE
+from d2g.teacher.schedulers import SOLVER_KWARGS
 from pairgen.config import GenerationConfig
-from pairgen.noise import NOISE_RULE
 from pairgen.prompts import PromptSource
-from pairgen.schedulers import SOLVER_KWARGS
 
 FINGERPRINT_VERSION = 1
 
@@ -34,7 +34,7 @@ def _local_teacher_identity(folder: Path) -> str:
 def teacher_identity(teacher: str) -> str:
     """Built-in aliases are versioned with the package (their weights ship inside it); local
     folders are named by content; hub ids by themselves (with the revision beside them)."""
-    from pairgen.teacher import ALIASES
+    from d2g.teacher.loading import ALIASES
 
     if os.path.isdir(teacher) and teacher not in ALIASES:
         return _local_teacher_identity(Path(teacher).resolve())

@@ -122,7 +122,7 @@ def _shapes_prompts(url: str) -> list[str]:
     consecutive samples (and so every shard) mix shapes, colours and positions."""
     import random
 
-    from pairgen.shapes import world
+    from d2g.shapes import world
 
     split = url.split("://", 1)[1] or "train"
     try:

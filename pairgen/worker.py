@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
+from d2g.teacher.loading import load_teacher
+from d2g.teacher.noise import batch_noise, sample_seed
+from d2g.teacher.solver import SolverSettings, TeacherSolver, to_numpy
 from pairgen.config import GenerationConfig
-from pairgen.noise import batch_noise, sample_seed
 from pairgen.plan import ShardTask
-from pairgen.solver import SolverSettings, TeacherSolver, to_numpy
-from pairgen.teacher import load_teacher
 from store import FieldSpec, PairStore, Schema
 
 # Test-only fault injection: "SHARD:BATCHES:MARKER" makes the process die (as a node would) after

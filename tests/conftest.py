@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import uuid
 from pathlib import Path
 
@@ -31,7 +30,6 @@ for key, value in {
     os.environ[key] = value
 os.environ.pop("AWS_PROFILE", None)
 
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -97,13 +95,13 @@ def ray_local(s3_endpoint):
 
 @pytest.fixture(scope="session")
 def sd15_teacher(tmp_path_factory) -> Path:
-    from tiny_teachers import build_sd15
+    from d2g.testing import build_sd15
 
     return build_sd15(tmp_path_factory.mktemp("teachers") / "sd15")
 
 
 @pytest.fixture(scope="session")
 def sdxl_teacher(tmp_path_factory) -> Path:
-    from tiny_teachers import build_sdxl
+    from d2g.testing import build_sdxl
 
     return build_sdxl(tmp_path_factory.mktemp("teachers") / "sdxl")

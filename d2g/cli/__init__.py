@@ -1,0 +1,1 @@
+"""Command-line plumbing shared by the pairgen and distill CLIs: options, errors, Ray start."""

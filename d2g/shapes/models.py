@@ -1,0 +1,181 @@
+"""Component configs of the shapes teachers (SD1.5 and SDXL layouts) and builders for each component.
+
+Sizes follow the CPU trials recorded in issue 8: a (16, 32, 64) VAE giving 4x8x8 latents for
+32x32 images, a ~1M-parameter UNet with cross-attention at both levels, and a small frozen random
+CLIP text encoder (its random features are enough to tell the caption words apart).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from d2g.shapes import world
+from d2g.teacher.clip_vocab import write_clip_tokenizer
+
+TOKEN_LENGTH = 32  # longest caption is ~20 tokens with BOS/EOS; SD's 77 would only cost attention time
+
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+    block_out_channels=(16, 32, 64), sample_size=world.IMAGE_SIZE,
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+)
+
+TEXT_CONFIG = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=TOKEN_LENGTH, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+)
+
+UNET_CONFIG = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8,
+)
+
+# The SDXL-layout teacher ("shapes-xl") shares the VAE, the tokenizer and the first text encoder
+# with the SD1.5-layout one. As in SDXL: a second encoder with a text projection (its pooled output
+# conditions the UNet with the six size/crop time ids), penultimate hidden states of both encoders
+# concatenated for cross-attention, and empty prompts replaced by zeros for guidance.
+TEXT_CONFIG_2 = dict(TEXT_CONFIG, projection_dim=32)
+XL_TIME_EMBED_DIM = 8
+XL_UNET_CONFIG = dict(
+    UNET_CONFIG, cross_attention_dim=2 * TEXT_CONFIG["hidden_size"], addition_embed_type="text_time",
+    addition_time_embed_dim=XL_TIME_EMBED_DIM,
+    projection_class_embeddings_input_dim=TEXT_CONFIG_2["projection_dim"] + 6 * XL_TIME_EMBED_DIM,
+)
+LAYOUTS = ("sd", "sdxl")
+
+# SD1.5's training noise schedule.
+NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+# Every DDIMScheduler kwarg that changes sampling is pinned, so no diffusers default can drift:
+# - timestep_spacing="trailing": a 1-step sample evaluates t=999 (pure noise is treated as pure
+#   noise); SD's "leading" would evaluate t=1 for one step.
+# - steps_offset=1 is SD1.5's value; diffusers applies it only to "leading" spacing, so with
+#   "trailing" it has no effect and is kept for a familiar config.
+# - clip_sample=False, set_alpha_to_one=False, thresholding=False as in SD1.5.
+DDIM_KWARGS = dict(
+    **NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+    timestep_spacing="trailing", thresholding=False, rescale_betas_zero_snr=False,
+)
+
+
+def token_safe_order(words: list[str]) -> list[str]:
+    """Order `words` so write_clip_tokenizer makes each one a single token.
+
+    BPE applies merges by rank, and write_clip_tokenizer ranks them in word order: a word whose
+    inside contains an earlier word's first pair ("triangle" holds "ri" of "right") gets split.
+    Moving the split words to the front gives their merge chains the better ranks."""
+    import tempfile
+
+    order = list(words)
+    for _ in range(len(words)):
+        with tempfile.TemporaryDirectory() as tmp:
+            tok = write_clip_tokenizer(tmp, order, max_length=TOKEN_LENGTH)
+            split = [w for w in order if len(tok(w).input_ids) != 3]  # BOS, word, EOS
+        if not split:
+            return order
+        order = split + [w for w in order if w not in split]
+    raise ValueError(f"cannot order the vocabulary so that every word is one token: {split}")
+
+
+def build_tokenizer(folder: str | Path):
+    """The project's CLIP tokenizer with every caption word as one token (saved to `folder`)."""
+    return write_clip_tokenizer(folder, token_safe_order(world.vocabulary()), max_length=TOKEN_LENGTH)
+
+
+def build_text_encoder(tokenizer, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                            **TEXT_CONFIG)
+    return CLIPTextModel(config).eval().requires_grad_(False)
+
+
+def build_text_encoder_2(tokenizer, seed: int = 1):
+    """SDXL's second encoder: CLIP with a text projection, whose projected EOS state is the pooled embedding."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                            **TEXT_CONFIG_2)
+    return CLIPTextModelWithProjection(config).eval().requires_grad_(False)
+
+
+def build_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(**VAE_CONFIG)
+
+
+def build_unet(seed: int = 0, layout: str = "sd"):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**(XL_UNET_CONFIG if layout == "sdxl" else UNET_CONFIG))
+
+
+def build_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**DDIM_KWARGS)
+
+
+def alphas_cumprod() -> torch.Tensor:
+    """SD's scaled_linear cumulative alphas (identical to the scheduler's), for training."""
+    n = NOISE_SCHEDULE["num_train_timesteps"]
+    betas = torch.linspace(NOISE_SCHEDULE["beta_start"] ** 0.5, NOISE_SCHEDULE["beta_end"] ** 0.5, n,
+                           dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+def assemble_pipeline(vae, text_encoder, tokenizer, unet, text_encoder_2=None):
+    """A StableDiffusionPipeline of the components, with the pinned DDIM scheduler; a
+    StableDiffusionXLPipeline when a second text encoder is given."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if text_encoder_2 is not None:
+        return StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            tokenizer_2=tokenizer, unet=unet, scheduler=build_scheduler(), force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=build_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def build_untrained_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Save a random-weight pipeline with the teacher's exact configs (tests the loading path)."""
+    folder = Path(folder)
+    tokenizer = build_tokenizer(folder / "tokenizer")
+    pipe = assemble_pipeline(build_vae(seed), build_text_encoder(tokenizer, seed), tokenizer, build_unet(seed))
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@torch.no_grad()
+def encode_prompts_xl(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt_embeds, pooled) through the SDXL pipeline's own encode_prompt; the empty prompt gives
+    zeros, as the pipeline's guidance uses with force_zeros_for_empty_prompt."""
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=torch.device("cpu"),
+                                              num_images_per_prompt=1, do_classifier_free_guidance=False)
+    empty = torch.tensor([p == "" for p in prompts])
+    embeds[empty], pooled[empty] = 0.0, 0.0
+    return embeds, pooled
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """Text embeddings exactly as StableDiffusionPipeline computes them (max-length padding,
+    last hidden state), so the UNet trains on what it will see at sampling time."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids)[0]

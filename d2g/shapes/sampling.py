@@ -1,0 +1,52 @@
+"""Sampling helpers for the shapes teacher: prompts from the world, images from the pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from d2g.shapes import world
+
+TEACHER_PATH = Path(__file__).parent / "weights" / "teacher"
+TEACHER_XL_PATH = Path(__file__).parent / "weights" / "teacher-xl"
+
+
+def load_pipeline(path: str | Path = TEACHER_PATH):
+    """The teacher (a StableDiffusionPipeline, or StableDiffusionXLPipeline for teacher-xl), loaded
+    offline, in eval mode, quiet."""
+    from diffusers import DiffusionPipeline
+
+    path = Path(path)
+    if not (path / "model_index.json").exists():
+        raise FileNotFoundError(f"no shapes teacher at {path} (model_index.json missing); train it with "
+                                "`python -m d2g.shapes.train --stage all` (docs/SHAPES.md)")
+    pipe = DiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def prompts(seed: int, count: int, split: str = "train") -> tuple[list[str], list[world.Attributes]]:
+    """`count` captions of the world (and their attributes) drawn with `seed`."""
+    texts, attrs = [], []
+    for index in range(count):
+        a, phrasing = world.sample_attributes(seed, index, split)
+        texts.append(world.caption(a, phrasing))
+        attrs.append(a)
+    return texts, attrs
+
+
+@torch.no_grad()
+def generate(pipe, texts: list[str], steps: int = 25, guidance: float = 3.0, seed: int = 0,
+             batch_size: int = 256) -> np.ndarray:
+    """uint8 Nx32x32x3 samples, one per prompt; image i uses noise seed `seed + i`, so results do not
+    depend on batch_size."""
+    out = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start:start + batch_size]
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                      eta=0.0, output_type="np").images
+        out.append(np.clip(np.round(images * 255), 0, 255).astype(np.uint8))
+    return np.concatenate(out)

@@ -1,0 +1,129 @@
+"""The shapes teachers (SD1.5 and SDXL layouts): offline loading, pinned DDIM, deterministic sampling.
+
+The loading-path tests build an untrained pipeline from the exact shipped configs
+(d2g.shapes.models), so they run whether or not trained weights exist. The tests marked
+`needs_weights` check the committed, trained teacher itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from d2g.shapes import models, sampling, world
+
+WEIGHTS = Path(sampling.TEACHER_PATH)
+needs_weights = pytest.mark.skipif(
+    not (WEIGHTS / "model_index.json").exists(),
+    reason=f"trained teacher not committed yet at {WEIGHTS} (python -m d2g.shapes.train, docs/SHAPES.md)",
+)
+PROMPTS = ["a small red circle in the top left on a black background",
+           "large blue square, center, white background"]
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory) -> Path:
+    return models.build_untrained_pipeline(tmp_path_factory.mktemp("shapes_untrained"))
+
+
+def _sample(pipe, steps: int, seed: int) -> np.ndarray:
+    return sampling.generate(pipe, PROMPTS, steps=steps, guidance=3.0, seed=seed)
+
+
+def test_untrained_pipeline_loads_offline_with_sd15_layout(untrained):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(untrained)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    assert pipe.safety_checker is None
+    assert pipe.vae.config.latent_channels == 4
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert 2 ** (len(pipe.vae.config.block_out_channels) - 1) * pipe.unet.config.sample_size == world.IMAGE_SIZE
+    for key, value in models.DDIM_KWARGS.items():
+        assert pipe.scheduler.config[key] == value, key
+    assert all((untrained / name).is_dir() for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"))
+    assert list(untrained.glob("unet/*.safetensors")) and not list(untrained.rglob("*.bin"))
+
+
+def test_one_step_ddim_evaluates_the_last_timestep(untrained):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(untrained)
+    pipe.scheduler.set_timesteps(1)
+    assert pipe.scheduler.timesteps.tolist() == [999]
+    pipe.scheduler.set_timesteps(25)
+    assert pipe.scheduler.timesteps[0].item() == 999
+
+
+def test_sampling_is_deterministic_for_a_fixed_seed(untrained):
+    pipe = sampling.load_pipeline(untrained)
+    a, b, c = _sample(pipe, 3, 0), _sample(pipe, 3, 0), _sample(pipe, 3, 1)
+    assert a.shape == (2, 32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_training_alphas_match_the_scheduler():
+    assert torch.allclose(models.alphas_cumprod(), models.build_scheduler().alphas_cumprod)
+
+
+@needs_weights
+def test_shipped_teacher_loads_through_the_alias_and_samples_deterministically():
+    from diffusers import StableDiffusionPipeline
+
+    from d2g.teacher.loading import load_teacher
+
+    pipe = load_teacher("shapes")
+    assert isinstance(pipe, StableDiffusionPipeline)
+    assert pipe.vae.config.scaling_factor != 1.0  # computed from the training latents, as SD does
+    assert np.array_equal(_sample(pipe, 2, 5), _sample(pipe, 2, 5))
+
+
+@needs_weights
+def test_shipped_weights_fit_the_size_budget():
+    root = WEIGHTS.parent
+    total = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    assert total <= 20 * 2**20, f"{root} holds {total / 2**20:.1f} MB, above the 20 MB budget"
+
+
+@needs_weights
+def test_shipped_sdxl_layout_teacher_loads_through_its_alias():
+    from diffusers import StableDiffusionXLPipeline
+
+    from d2g.teacher.loading import load_teacher
+
+    pipe = load_teacher("shapes-xl")
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    assert pipe.unet.config.addition_embed_type == "text_time"
+    assert pipe.config.force_zeros_for_empty_prompt
+    sd = load_teacher("shapes")  # the VAE is shared, scaling factor included
+    assert pipe.vae.config.scaling_factor == sd.vae.config.scaling_factor
+    assert np.array_equal(_sample(pipe, 2, 5), _sample(pipe, 2, 5))
+
+
+@needs_weights
+def test_sdxl_layout_training_conditions_the_unet_as_its_pipeline_does(tmp_path):
+    """The latents and unet stages with --layout sdxl, a few steps: the exported pipeline is an
+    SDXL one, and the stored text conditioning equals the pipeline's own encoding (zeros for the
+    empty prompt, as its guidance uses)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from d2g.shapes import train
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    common = ["--layout", "sdxl", "--workdir", str(work), "--out", str(out), "--threads", "1"]
+    train.main(["--stage", "latents", "--components-from", str(WEIGHTS), "--latent-items", "64", *common])
+    train.main(["--stage", "unet", "--steps", "2", *common])
+    pipe = StableDiffusionXLPipeline.from_pretrained(out / "teacher-xl")
+    data = torch.load(work / "latents.pt", weights_only=True)
+    caption = data["captions"][1]
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=[caption], device=torch.device("cpu"),
+                                              do_classifier_free_guidance=False)
+    assert torch.allclose(data["embeddings"][1], embeds[0]) and torch.allclose(data["pooled"][1], pooled[0])
+    assert data["embeddings"][0].abs().sum() == 0 and data["pooled"][0].abs().sum() == 0
+    _, negative, _, negative_pooled = pipe.encode_prompt(prompt=[caption], device=torch.device("cpu"),
+                                                         do_classifier_free_guidance=True)
+    assert negative.abs().sum() == 0 and negative_pooled.abs().sum() == 0  # what guidance pairs with row 0
