@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
+from collections.abc import Callable
 
 import fsspec
 
@@ -60,6 +61,20 @@ def replace(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     up = StreamingUpload(fs, path)
     up.write(data)
     up.commit()
+
+
+def write_local_file(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Write a local file through `write(temp_path)` (torch.save, safetensors' save_file...), then
+    publish it with os.replace: a crash mid-write leaves the previous file intact, never half of one."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = _tmp_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 class StreamingUpload:

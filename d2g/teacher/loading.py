@@ -46,6 +46,7 @@ def resolve_teacher(name_or_path: str) -> str:
 
 
 def pick_device(device: str | None = None) -> torch.device:
+    """`device` as given, or for None/"auto" the best available: cuda, then mps, then cpu."""
     if device and device != "auto":
         return torch.device(device)
     if torch.cuda.is_available():
@@ -56,6 +57,7 @@ def pick_device(device: str | None = None) -> torch.device:
 
 
 def parse_dtype(name: str) -> torch.dtype:
+    """A dtype from its short name (fp32, fp16, bf16 or the torch spelling); TeacherError if unknown."""
     try:
         return DTYPES[name]
     except KeyError:
@@ -74,6 +76,12 @@ def load_teacher(name_or_path: str, dtype: str = "fp32", device: str | None = No
     if not hasattr(pipe, "unet") and not hasattr(pipe, "transformer"):
         raise TeacherError(f"teacher {name_or_path!r} ({type(pipe).__name__}) has no UNet or transformer denoiser")
     pipe.to(pick_device(device))
+    return freeze(pipe)
+
+
+def freeze(pipe):
+    """Every torch module of the pipeline in eval mode without gradients, progress bars off.
+    Trainable copies (students, discriminators) are made from a frozen pipeline explicitly."""
     pipe.set_progress_bar_config(disable=True)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):

@@ -1,0 +1,51 @@
+"""The teacher VAE's map between pixels and diffusion latents, and the latent shape of a teacher.
+
+One convention everywhere: images are float NCHW in [-1, 1] (what a VAE takes and a pipeline's
+decoder returns); diffusion latents are `(posterior - shift_factor) * scaling_factor`, so SD1.5,
+SDXL (no shift) and SD3/FLUX (with shift) latents all round-trip. `to_unit_range` maps images to
+[0, 1] for PNGs and grids.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def shift_and_scale(vae) -> tuple[float, float]:
+    """The VAE's (shift_factor, scaling_factor); a missing or null shift is 0."""
+    shift = getattr(vae.config, "shift_factor", None)
+    scale = getattr(vae.config, "scaling_factor", None)
+    return (0.0 if shift is None else float(shift)), (1.0 if scale is None else float(scale))
+
+
+@torch.no_grad()
+def encode(vae, images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> diffusion latents (the posterior's mode, shifted and scaled)."""
+    shift, scale = shift_and_scale(vae)
+    posterior = vae.encode(images.to(vae.dtype)).latent_dist.mode()
+    return (posterior - shift) * scale
+
+
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Diffusion latents -> images clamped to [-1, 1]. Differentiable (pixel-space losses use it);
+    wrap in `torch.no_grad()` where no gradient is wanted."""
+    shift, scale = shift_and_scale(vae)
+    return vae.decode(latents.to(vae.dtype) / scale + shift).sample.clamp(-1, 1)
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> [0, 1], float32, for PNG files and preview grids."""
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def latent_shape(pipe, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+    """(channels, latent height, latent width) of a pipeline's denoiser input for an image of
+    height x width pixels (default: the denoiser's native `sample_size`). Raises ValueError when a
+    size is not a multiple of the VAE's downsampling factor."""
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    factor = int(pipe.vae_scale_factor)
+    native = int(denoiser.config.sample_size) * factor
+    height, width = height or native, width or native
+    if height % factor or width % factor:
+        raise ValueError(f"height/width {height}x{width} must be multiples of the VAE factor {factor}")
+    return int(denoiser.config.in_channels), height // factor, width // factor
