@@ -10,8 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from d2g.shapes import world
-from distill.lpips import shapes_data
+from d2g.shapes import lpips_data, world
 from distill.lpips.data import LabelledLatentFolder, load_triplets
 
 N_LATENTS, N_TRIPLETS, SHARD = 64, 32, 16
@@ -21,18 +20,18 @@ N_LATENTS, N_TRIPLETS, SHARD = 64, 32, 16
 def models():
     from d2g.shapes.evaluator import Evaluator
 
-    return shapes_data.load_vae(), Evaluator.load()
+    return lpips_data.load_vae(), Evaluator.load()
 
 
 def make_labelled(out: Path, models, seed: int = 0, label: str = "shape_color") -> dict:
-    return shapes_data.build_labelled(
+    return lpips_data.build_labelled(
         out, N_LATENTS, seed=seed, label=label, batch_size=32, vae=models[0], progress=False
     )
 
 
 def make_triplets(out: Path, models, seed: int = 1) -> dict:
     vae, evaluator = models
-    return shapes_data.build_triplets(
+    return lpips_data.build_triplets(
         out,
         N_TRIPLETS,
         shard_size=SHARD,
@@ -85,14 +84,14 @@ def test_labelled_folder_reads_with_the_classes_and_latents_of_the_world(labelle
 def test_combination_label_through_the_cli(tmp_path, capsys):
     out = tmp_path / "combo"
     argv = ["labelled", "--out", str(out), "--n", "40", "--label", "combination", "--json", "--no-progress"]
-    assert shapes_data.main(argv) == 0
+    assert lpips_data.main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     _, _, attrs = world.batch(0, 0, 40, "train")
-    classes = {shapes_data.class_name(a, "combination") for a in attrs}
+    classes = {lpips_data.class_name(a, "combination") for a in attrs}
     assert summary["classes"] == len(classes) == len(LabelledLatentFolder(out).classes)
     assert summary["possible_classes"] == 488
     # A second run into the same folder is refused, not mixed in.
-    assert shapes_data.main(argv) == 2
+    assert lpips_data.main(argv) == 2
     assert "not empty" in capsys.readouterr().err
 
 
@@ -105,11 +104,11 @@ def test_triplets_load_with_a_soft_judge_that_follows_the_evaluator(triplets):
     assert float(data.judge.std()) > 0.05, "judge is (nearly) constant"
     assert not torch.equal(data.p0, data.ref) and not torch.equal(data.p1, data.p0)
     with safe_open(str(shards[0]), "pt") as f:
-        meta = json.loads(f.metadata()[shapes_data.META_KEY])
+        meta = json.loads(f.metadata()[lpips_data.META_KEY])
     d0, d1 = torch.tensor(meta["d0"]), torch.tensor(meta["d1"])
     # judge > 0.5 exactly when p1 is the closer one.
     assert torch.equal(data.judge[:SHARD] > 0.5, d1 < d0)
-    assert set(meta["kind0"]) <= set(shapes_data.KINDS)
+    assert set(meta["kind0"]) <= set(lpips_data.KINDS)
 
 
 def test_same_seed_is_byte_identical_and_another_seed_is_not(labelled, triplets, models, tmp_path):
