@@ -15,6 +15,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from d2g.cli.ray_start import ensure_ray
 from pairgen.config import GenerationConfig
 from pairgen.fingerprint import build_fingerprint
 from pairgen.plan import ShardTask, plan_shards
@@ -63,21 +64,6 @@ class RunSummary:
         data["pairs_per_busy_worker_second"] = (self.pairs_generated / self.worker_seconds
                                                 if self.worker_seconds else 0.0)
         return data
-
-
-def _ensure_ray(num_cpus: int | None = None):
-    import ray
-
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-        else:
-            # Ray starts workers at niceness 15, so on a busy node every daemon, the driver and the
-            # storage client preempt the teacher actors (bench/pairgen_bench.py: 0.91-0.95 of a bare
-            # loop at 15, 0.97-1.02 at 0). A local Ray exists only for this run: its actors are the work.
-            os.environ.setdefault("RAY_worker_niceness", "0")
-            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    return ray
 
 
 def _actor_resources(ray, config: GenerationConfig) -> tuple[float, float]:
@@ -199,7 +185,7 @@ class PairgenRun:
     def _dispatch(self, todo: list[ShardTask], done: dict[str, ShardInfo]) -> None:
         from tqdm import tqdm
 
-        ray = _ensure_ray()
+        ray = ensure_ray()
         pool = _ActorPool(ray, self.config)
         pending = deque(todo)
         inflight: dict = {}

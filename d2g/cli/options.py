@@ -7,7 +7,6 @@ the option, and the message lists every bad field at once.
 from __future__ import annotations
 
 import argparse
-import json
 import typing
 from pathlib import Path
 
@@ -31,6 +30,7 @@ def read_yaml_options(path: str) -> dict:
 
 
 def describe_validation_error(err: ValidationError, source: str, prefix: str = "") -> str:
+    """One line per invalid field: the source (file or "flags"), the option's name, the reason, the value."""
     lines = []
     for item in err.errors():
         field = prefix + (".".join(str(p) for p in item["loc"]) or "(config)")
@@ -53,6 +53,23 @@ def build_model(model: type[BaseModel], yaml_path: str | None, overrides: dict |
         return model(**data)
     except ValidationError as err:
         raise error(describe_validation_error(err, source)) from None
+
+
+def _mapping_flag(flag: str):
+    """A flag value parsed as a YAML flow mapping (JSON is YAML too), so the same text works in a
+    config file and on the command line; argparse turns the ValueError into a usage error naming the flag."""
+
+    def parse(text: str) -> dict:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise argparse.ArgumentTypeError(f"not a YAML/JSON mapping: {err}".splitlines()[0]) from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"expected a mapping like '{{key: value}}', got {text!r}")
+        return value
+
+    parse.__name__ = flag  # argparse names the type in its message
+    return parse
 
 
 def _flag_kind(annotation) -> tuple[object, list | None]:
@@ -79,8 +96,8 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> 
         if kind is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif kind is dict or origin is dict:
-            parser.add_argument(flag, dest=name, type=json.loads, default=None,
-                                help=help_text + " (JSON here; a mapping in YAML)")
+            parser.add_argument(flag, dest=name, type=_mapping_flag(flag), default=None,
+                                help=help_text + " (a YAML or JSON mapping, e.g. '{lambda_gan: 0.1}')")
         elif origin is tuple:
             item_types = typing.get_args(info.annotation)
             parser.add_argument(flag, dest=name, type=item_types[0], nargs=len(item_types), default=None,
@@ -90,6 +107,7 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> 
 
 
 def flag_overrides(args: argparse.Namespace, model: type[BaseModel]) -> dict:
+    """The model's fields that were given as flags (argparse leaves the others None)."""
     return {name: getattr(args, name) for name in model.model_fields if getattr(args, name, None) is not None}
 
 

@@ -27,6 +27,7 @@ import torch
 
 from d2g.shapes import sampling, world
 from d2g.shapes.evaluator import DEFAULT_PATH, Evaluator, diversity, frechet_distance
+from d2g.teacher.vae import decode, encode
 
 # World seeds for evaluation, all distinct from training (0 for the teacher, 7 for the judge).
 PROMPT_SEED, REAL_SEED_A, REAL_SEED_B, HELDOUT_SEED = 101, 2001, 3001, 4001
@@ -41,8 +42,8 @@ def real_set(seed: int, n: int, split: str = "train") -> tuple[np.ndarray, list[
 def vae_reconstruction_accuracy(pipe, judge: Evaluator, n: int) -> dict[str, float]:
     images, attrs = real_set(HELDOUT_SEED, n, "heldout")
     x = world.to_tensor(images)
-    recon = torch.cat([pipe.vae.decode(pipe.vae.encode(c).latent_dist.mode()).sample for c in x.split(256)])
-    return judge.attribute_accuracy(recon.clamp(-1, 1), attrs)
+    recon = torch.cat([decode(pipe.vae, encode(pipe.vae, c)) for c in x.split(256)])
+    return judge.attribute_accuracy(recon, attrs)
 
 
 def _rounded(d: dict) -> dict:

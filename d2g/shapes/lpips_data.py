@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from d2g.shapes import world
+from d2g.teacher.vae import decode, encode, shift_and_scale
 
 # Coarser labels than the full attribute combination. The trunk is a feature extractor: a label
 # that needs shape, colour and position (or all of them) makes it keep what LPIPS must compare.
@@ -86,25 +87,6 @@ def load_vae(teacher: str | Path | None = None):
     if not (path / "vae" / "config.json").exists():
         raise FileNotFoundError(f"no shapes VAE at {path / 'vae'}; see docs/SHAPES.md to train the teacher")
     return AutoencoderKL.from_pretrained(path, subfolder="vae").eval().requires_grad_(False)
-
-
-def _shift_scale(vae) -> tuple[float, float]:
-    shift = vae.config.shift_factor
-    return (0.0 if shift is None else float(shift)), float(vae.config.scaling_factor)
-
-
-@torch.no_grad()
-def encode(vae, images: torch.Tensor) -> torch.Tensor:
-    """float NCHW images in [-1, 1] -> diffusion latents (posterior mode, shifted and scaled)."""
-    shift, scale = _shift_scale(vae)
-    return (vae.encode(images).latent_dist.mode() - shift) * scale
-
-
-@torch.no_grad()
-def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Diffusion latents -> float NCHW images clamped to [-1, 1] (as a pipeline's output is)."""
-    shift, scale = _shift_scale(vae)
-    return vae.decode(latents / scale + shift).sample.clamp(-1, 1)
 
 
 def latent_shape(vae) -> tuple[int, int, int]:
@@ -183,7 +165,7 @@ def build_labelled(
         "possible_classes": num_classes(label, split),
         "min_per_class": min(counts.values()),
         "latent_shape": list(latent_shape(vae)),
-        "scaling_factor": _shift_scale(vae)[1],
+        "scaling_factor": shift_and_scale(vae)[1],
     }
     _manifest(out, summary)
     return summary

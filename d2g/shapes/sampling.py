@@ -15,16 +15,14 @@ TEACHER_XL_PATH = Path(__file__).parent / "weights" / "teacher-xl"
 
 def load_pipeline(path: str | Path = TEACHER_PATH):
     """The teacher (a StableDiffusionPipeline, or StableDiffusionXLPipeline for teacher-xl), loaded
-    offline, in eval mode, quiet."""
-    from diffusers import DiffusionPipeline
+    offline, frozen and quiet, through the one teacher loader."""
+    from d2g.teacher.loading import TeacherError, load_teacher
 
     path = Path(path)
     if not (path / "model_index.json").exists():
-        raise FileNotFoundError(f"no shapes teacher at {path} (model_index.json missing); train it with "
-                                "`python -m d2g.shapes.train --stage all` (docs/SHAPES.md)")
-    pipe = DiffusionPipeline.from_pretrained(path)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+        raise TeacherError(f"no shapes teacher at {path} (model_index.json missing); train it with "
+                           "`python -m d2g.shapes.train` (docs/SHAPES.md)")
+    return load_teacher(str(path), device="cpu")
 
 
 def prompts(seed: int, count: int, split: str = "train") -> tuple[list[str], list[world.Attributes]]:

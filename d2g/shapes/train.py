@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from d2g.shapes import evaluator as ev
 from d2g.shapes import models, world
+from store.atomic import write_local_file
 
 DEFAULT_STEPS = {"evaluator": 1200, "vae": 2500, "unet": 7500}
 BATCH = {"evaluator": 128, "vae": 64, "unet": 64}
@@ -72,9 +73,8 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
+    # A crash mid-write leaves the previous checkpoint intact.
+    write_local_file(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _load_checkpoint(path: Path, resume: bool):

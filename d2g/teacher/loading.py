@@ -42,6 +42,8 @@ def resolve_teacher(name_or_path: str) -> str:
         return name_or_path
     if os.path.exists(name_or_path):
         raise TeacherError(f"teacher path {name_or_path} is a file; expected a diffusers pipeline folder")
+    if name_or_path.startswith(("/", "./", "../", "~")) or os.sep + os.sep in name_or_path:
+        raise TeacherError(f"teacher folder {name_or_path} does not exist")
     return name_or_path  # a hub id: from_pretrained resolves it (offline it uses the local cache only)
 
 
@@ -64,13 +66,62 @@ def parse_dtype(name: str) -> torch.dtype:
         raise TeacherError(f"unknown dtype {name!r}; choose one of {sorted(set(DTYPES))}") from None
 
 
-def load_teacher(name_or_path: str, dtype: str = "fp32", device: str | None = None, revision: str | None = None):
-    """Load a teacher pipeline with `DiffusionPipeline.from_pretrained`, in eval mode, no progress bars."""
+# Files that must exist in a local component folder for `from_pretrained` to build it.
+_COMPONENT_CONFIGS = {"scheduler": ("scheduler_config.json",), "tokenizer": ("tokenizer_config.json",),
+                      "tokenizer_2": ("tokenizer_config.json",), "tokenizer_3": ("tokenizer_config.json",)}
+DENOISERS = ("unet", "transformer")
+
+
+def check_teacher(name_or_path: str, revision: str | None = None) -> dict:
+    """Check, without loading any weights, that a teacher can be loaded: its model_index.json, a
+    denoiser, a VAE, and each listed component's config. Returns the model index. Meant for a driver
+    to run before it starts Ray or writes anything, so a bad --teacher costs one line, not a cluster."""
     from diffusers import DiffusionPipeline
 
     source = resolve_teacher(name_or_path)
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=parse_dtype(dtype), revision=revision)
+        index = dict(DiffusionPipeline.load_config(source, revision=revision))
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TeacherError(f"cannot find teacher {name_or_path!r} (a built-in alias {sorted(ALIASES)}, a local "
+                           f"diffusers folder, or a hub id in the local cache): {first}") from None
+    components = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]}
+    if not components & set(DENOISERS):
+        raise TeacherError(f"teacher {name_or_path!r} ({index.get('_class_name')}) has no UNet or transformer")
+    if "vae" not in components:
+        raise TeacherError(f"teacher {name_or_path!r} ({index.get('_class_name')}) has no VAE")
+    if os.path.isdir(source):
+        for name in sorted(components):
+            needed = _COMPONENT_CONFIGS.get(name, ("config.json",))
+            folder = Path(source) / name
+            if not any((folder / f).exists() for f in needed):
+                raise TeacherError(f"teacher {source}: component {name!r} is listed in model_index.json but "
+                                   f"{folder / needed[0]} does not exist")
+    return index
+
+
+def _dtype_kwarg() -> str:
+    # diffusers renamed from_pretrained's torch_dtype to dtype (huggingface/diffusers#14205) and warns
+    # on the old name; older releases only know the old one.
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
+def load_teacher(name_or_path: str, dtype: str = "fp32", device: str | None = None, revision: str | None = None):
+    """Load a teacher pipeline with `DiffusionPipeline.from_pretrained`, frozen (see `freeze`).
+
+    Args:
+        name_or_path: a built-in alias (`shapes`, `shapes-xl`), a local diffusers folder, or a hub id.
+        dtype: fp32, fp16 or bf16 (or the torch spelling).
+        device: a torch device, or None / "auto" for the best available.
+        revision: the hub revision, for hub ids.
+    """
+    from diffusers import DiffusionPipeline
+
+    source = resolve_teacher(name_or_path)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, revision=revision, **{_dtype_kwarg(): parse_dtype(dtype)})
     except (OSError, ValueError) as err:
         raise TeacherError(f"cannot load teacher {name_or_path!r}: {err}") from err
     if not hasattr(pipe, "unet") and not hasattr(pipe, "transformer"):

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from d2g.teacher.schedulers import CALL_KWARGS, build_scheduler, solver_kwargs
+from d2g.teacher.vae import latent_shape
 
 
 @dataclass(frozen=True)
@@ -61,13 +62,9 @@ class TeacherSolver:
         pipe.scheduler = build_scheduler(settings.scheduler, dict(pipe.scheduler.config), settings.timestep_spacing)
         self.dtype = pipe.unet.dtype
         self.device = pipe.unet.device
-        factor = pipe.vae_scale_factor
-        default = pipe.unet.config.sample_size * factor
-        self.height = settings.height or default
-        self.width = settings.width or default
-        if self.height % factor or self.width % factor:
-            raise ValueError(f"height/width {self.height}x{self.width} must be multiples of the VAE factor {factor}")
-        self.latent_shape = (pipe.unet.config.in_channels, self.height // factor, self.width // factor)
+        self.latent_shape = latent_shape(pipe, settings.height, settings.width)
+        self.height = self.latent_shape[1] * pipe.vae_scale_factor
+        self.width = self.latent_shape[2] * pipe.vae_scale_factor
         self.is_sdxl = hasattr(pipe, "text_encoder_2")
         self._negative = None
         self._trajectory_at = trajectory_steps(settings.steps, settings.trajectory_points)
