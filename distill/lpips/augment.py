@@ -1,176 +1,257 @@
-"""Differentiable latent augmentations for E-LatentLPIPS: one random transform per call, shared.
+"""Differentiable latent augmentations for E-LatentLPIPS: per-sample transforms shared by each pair.
 
-Each call draws one random transform and applies it identically to both inputs (and to every
-sample of the batch), so d(x, x) stays 0 while the trunk's blind spots move from call to call:
+Each call draws one transform per sample (probability 1, as published) and applies it identically
+to the two inputs of that pair: d(x, x) stays 0, while different pairs of a batch, and the same
+pair from call to call, see different transforms. The trunk's blind spots move all the time, so
 a generator cannot settle into an adversarial solution of one fixed network.
 
-Presets (letters combine, e.g. "bg", "bgco"; the transform is the composition of every op of
-every letter, each with freshly drawn parameters, probability 1 as in the paper):
-  b  x-flip, rotation by a multiple of 90 degrees, integer translation (up to 1/8 of the size)
-  g  isotropic scale, rotation, anisotropic scale, fractional translation (one affine warp)
-  c  brightness, contrast, saturation (saturation = spread of the channels around their mean)
-  o  cutout: a random rectangle of half the height and width set to zero
-Parameter ranges follow the usual differentiable-augmentation conventions (StyleGAN2-ADA
-strengths at p=1). Randomness comes from torch's global RNG unless a generator is passed, so a
-fixed `torch.manual_seed` gives fixed transforms.
+Presets, exactly the published ones: "b", "g", "c", "o", "co", "bg", "bgc", "bgco" (default "bg").
+Whatever the preset, the ops run geometric ("b" then "g"), then colour ("c"), then cutout ("o"):
+  b  x-flip (p=0.5), a quarter turn by k*90 degrees with k uniform in {0, 1, 2, 3} (non-square
+     latents too: the content turns inside the same H x W frame), integer translation by
+     round(U(-1, 1) * size / 8) pixels per axis
+  g  isotropic scale 2^N(0, 0.2^2), rotation U(-pi, pi), anisotropic scale (a, 1/a) with
+     a = 2^N(0, 0.2^2), a second independent rotation U(-pi, pi) (so the stretch lies along a
+     random axis), fractional translation N(0, 0.125^2) of the size per axis (StyleGAN2-ADA's
+     published strengths)
+  c  brightness: add U(-0.5, 0.5); contrast: scale by U(0.5, 1.5) around the sample's mean;
+     saturation: scale by U(0, 2) around each position's mean over channels
+  o  cutout: zero a rectangle of half the height and width centred at U(0, 1)^2, with pixel
+     centres at ((i + 0.5) / W, (j + 0.5) / H)
+"b" and "g" compose into one affine map per sample (pixel-centred coordinates), applied with one
+bilinear `grid_sample` with reflection padding; everything is batched on the inputs' device.
+Randomness comes from torch's global RNG unless a generator is passed (then drawn on the
+generator's device), so a fixed `torch.manual_seed` gives fixed transforms.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from kornia.geometry.transform import warp_affine
 from torch import nn
 
-PRESET_LETTERS = "bgco"
+PRESETS: tuple[str, ...] = ("b", "g", "c", "o", "co", "bg", "bgc", "bgco")
 DEFAULT_PRESET = "bg"
+
+SCALE_STD = 0.2  # log2 units, isotropic and anisotropic scale
+TRANSLATE_STD = 0.125  # fraction of the size, fractional translation
+INT_TRANSLATE_MAX = 0.125  # fraction of the size, integer translation
+CUTOUT_SIZE = 0.5  # fraction of the size
 
 
 def validate_preset(preset: str) -> str:
-    if not preset:
-        raise ValueError(f"augmentation preset must be a non-empty combination of {PRESET_LETTERS!r}")
-    bad = sorted(set(preset) - set(PRESET_LETTERS))
-    if bad:
+    """Return `preset` if it is one of the published `PRESETS`, else raise ValueError naming them.
+
+    Args:
+        preset: the preset name.
+    """
+    if preset not in PRESETS:
         raise ValueError(
-            f"unknown augmentation letter(s) {bad} in preset {preset!r}; valid letters: {PRESET_LETTERS!r}"
+            f"unknown augmentation preset {preset!r}; valid presets: {', '.join(PRESETS)} "
+            "(or augment=None for no augmentation)"
         )
     return preset
 
 
 @dataclass
 class AugmentParams:
-    """One drawn transform; replaying it on another tensor gives the identical transform."""
+    """Per-sample parameters of one draw; replaying them gives the identical transforms.
 
-    ops: list[tuple[str, dict]] = field(default_factory=list)
+    Args:
+        batch_size: B, the number of samples (pairs) drawn for.
+    Attributes (each None when the preset lacks that stage):
+        geometric: [B, 2, 3] `affine_grid` matrices (output -> input, normalised coordinates).
+        colour: [B, 3] brightness offset, contrast factor, saturation factor.
+        cutout: [B, 2] cutout centre (x, y) in [0, 1].
+    """
 
-
-def _rand(generator: torch.Generator | None, *shape: int) -> torch.Tensor:
-    return torch.rand(shape, generator=generator)
-
-
-def _randn(generator: torch.Generator | None, *shape: int) -> torch.Tensor:
-    return torch.randn(shape, generator=generator)
-
-
-def _lognormal(generator: torch.Generator | None, std: float) -> float:
-    return float(torch.exp(_randn(generator, 1) * std))
-
-
-def sample_params(
-    preset: str, height: int, width: int, generator: torch.Generator | None = None
-) -> AugmentParams:
-    """Draw one transform for latents of spatial size height x width."""
-    validate_preset(preset)
-    params = AugmentParams()
-    for letter in preset:
-        if letter == "b":
-            flip = bool(_rand(generator, 1) < 0.5)
-            # Odd quarter turns swap height and width; only square latents may take them.
-            turns = (
-                int(_rand(generator, 1) * 4) % 4
-                if height == width
-                else 2 * (int(_rand(generator, 1) * 2) % 2)
-            )
-            max_dy, max_dx = max(1, height // 8), max(1, width // 8)
-            dy = int(torch.randint(-max_dy, max_dy + 1, (1,), generator=generator))
-            dx = int(torch.randint(-max_dx, max_dx + 1, (1,), generator=generator))
-            params.ops.append(("b", {"flip": flip, "turns": turns, "dy": dy, "dx": dx}))
-        elif letter == "g":
-            params.ops.append(
-                (
-                    "g",
-                    {
-                        "iso": _lognormal(generator, 0.2 * math.log(2)),
-                        "angle": float((_rand(generator, 1) * 2 - 1) * math.pi),
-                        "aniso": _lognormal(generator, 0.2 * math.log(2)),
-                        "tx": float(_randn(generator, 1) * 0.125),
-                        "ty": float(_randn(generator, 1) * 0.125),
-                    },
-                )
-            )
-        elif letter == "c":
-            params.ops.append(
-                (
-                    "c",
-                    {
-                        "brightness": float(_randn(generator, 1) * 0.2),
-                        "contrast": _lognormal(generator, 0.5 * math.log(2)),
-                        "saturation": _lognormal(generator, math.log(2)),
-                    },
-                )
-            )
-        elif letter == "o":
-            cy, cx = float(_rand(generator, 1)), float(_rand(generator, 1))
-            params.ops.append(("o", {"cy": cy, "cx": cx, "size": 0.5}))
-    return params
+    batch_size: int
+    geometric: torch.Tensor | None = None
+    colour: torch.Tensor | None = None
+    cutout: torch.Tensor | None = None
 
 
-def _integer_translate(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    # Reflect-pad then crop: an exact integer shift without wrapping content around the border.
-    if dy == 0 and dx == 0:
-        return x
-    h, w = x.shape[-2:]
-    pad_y, pad_x = min(abs(dy), h - 1), min(abs(dx), w - 1)
-    padded = F.pad(x, (pad_x, pad_x, pad_y, pad_y), mode="reflect")
-    top = pad_y - max(-pad_y, min(pad_y, dy))
-    left = pad_x - max(-pad_x, min(pad_x, dx))
-    return padded[..., top : top + h, left : left + w]
+def _draw(kind: str, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    draw_device = generator.device if generator is not None else device
+    fn = torch.rand if kind == "rand" else torch.randn
+    return fn(n, generator=generator, device=draw_device).to(device)
 
 
-def _apply_b(x: torch.Tensor, p: dict) -> torch.Tensor:
-    if p["flip"]:
-        x = torch.flip(x, dims=(-1,))
-    if p["turns"]:
-        x = torch.rot90(x, k=p["turns"], dims=(-2, -1))
-    return _integer_translate(x, p["dy"], p["dx"])
-
-
-def _apply_g(x: torch.Tensor, p: dict) -> torch.Tensor:
-    b, _, h, w = x.shape
-    cos, sin = math.cos(p["angle"]), math.sin(p["angle"])
-    sx, sy = p["iso"] * p["aniso"], p["iso"] / p["aniso"]
-    # Linear part R @ S about the centre, then a translation in units of the latent size.
-    a = torch.tensor([[cos * sx, -sin * sy], [sin * sx, cos * sy]], dtype=x.dtype, device=x.device)
-    centre = torch.tensor([(w - 1) / 2, (h - 1) / 2], dtype=x.dtype, device=x.device)
-    shift = torch.tensor([p["tx"] * w, p["ty"] * h], dtype=x.dtype, device=x.device)
-    offset = centre - a @ centre + shift
-    matrix = torch.cat([a, offset[:, None]], dim=1).expand(b, 2, 3)
-    return warp_affine(
-        x, matrix, dsize=(h, w), mode="bilinear", padding_mode="reflection", align_corners=True
+def _matrices(rows: list[list[torch.Tensor | float]], like: torch.Tensor) -> torch.Tensor:
+    """[B, 3, 3] from a 3x3 nested list of per-sample tensors [B] or constants."""
+    return torch.stack(
+        [
+            torch.stack([e if isinstance(e, torch.Tensor) else torch.full_like(like, e) for e in r], -1)
+            for r in rows
+        ],
+        -2,
     )
 
 
-def _apply_c(x: torch.Tensor, p: dict) -> torch.Tensor:
-    x = x + p["brightness"]
+def _translate_inv(tx: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
+    return _matrices([[1.0, 0.0, -tx], [0.0, 1.0, -ty], [0.0, 0.0, 1.0]], tx)
+
+
+def _scale_inv(sx: torch.Tensor, sy: torch.Tensor) -> torch.Tensor:
+    return _matrices([[1 / sx, 0.0, 0.0], [0.0, 1 / sy, 0.0], [0.0, 0.0, 1.0]], sx)
+
+
+def _rotate_inv(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return _matrices([[cos, sin, 0.0], [-sin, cos, 0.0], [0.0, 0.0, 1.0]], cos)
+
+
+def _geometric_inverse(
+    preset: str, n: int, height: int, width: int, generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
+    """Inverse (output -> input) of the composed b/g map per sample, [n, 3, 3], pixel units.
+
+    Each op's inverse is right-multiplied in the order the ops act on the image, so the first op
+    listed is the first applied.
+    """
+    inv = torch.eye(3, device=device).expand(n, 3, 3)
+    if "b" in preset:
+        flip = torch.floor(_draw("rand", n, generator, device) * 2)
+        inv = inv @ _scale_inv(1 - 2 * flip, torch.ones_like(flip))
+        turns = torch.floor(_draw("rand", n, generator, device) * 4).long().clamp(max=3)
+        cos = torch.tensor([1.0, 0.0, -1.0, 0.0], device=device)[turns]  # exact quarter turns
+        sin = torch.tensor([0.0, 1.0, 0.0, -1.0], device=device)[turns]
+        inv = inv @ _rotate_inv(cos, sin)
+        tx = torch.round((_draw("rand", n, generator, device) * 2 - 1) * INT_TRANSLATE_MAX * width)
+        ty = torch.round((_draw("rand", n, generator, device) * 2 - 1) * INT_TRANSLATE_MAX * height)
+        inv = inv @ _translate_inv(tx, ty)
+    if "g" in preset:
+        iso = torch.exp2(_draw("randn", n, generator, device) * SCALE_STD)
+        inv = inv @ _scale_inv(iso, iso)
+        theta = (_draw("rand", n, generator, device) * 2 - 1) * math.pi
+        inv = inv @ _rotate_inv(torch.cos(theta), torch.sin(theta))
+        aniso = torch.exp2(_draw("randn", n, generator, device) * SCALE_STD)
+        inv = inv @ _scale_inv(aniso, 1 / aniso)
+        theta = (_draw("rand", n, generator, device) * 2 - 1) * math.pi
+        inv = inv @ _rotate_inv(torch.cos(theta), torch.sin(theta))
+        tx = _draw("randn", n, generator, device) * TRANSLATE_STD * width
+        ty = _draw("randn", n, generator, device) * TRANSLATE_STD * height
+        inv = inv @ _translate_inv(tx, ty)
+    return inv
+
+
+def sample_params(
+    preset: str,
+    batch_size: int,
+    height: int,
+    width: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> AugmentParams:
+    """Draw one transform per sample for latents of spatial size height x width.
+
+    Args:
+        preset: one of `PRESETS`.
+        batch_size: number of samples (pairs) to draw for.
+        height, width: spatial size of the latents.
+        generator: source of randomness (default: torch's global RNG).
+        device: where the parameters live (default: CPU).
+    """
+    validate_preset(preset)
+    device = torch.device(device or "cpu")
+    params = AugmentParams(batch_size)
+    if "b" in preset or "g" in preset:
+        inv = _geometric_inverse(preset, batch_size, height, width, generator, device)
+        # Pixel-centred units -> affine_grid's normalised units (align_corners=False: u = x / (W/2)).
+        to_norm = torch.diag(torch.tensor([2 / width, 2 / height, 1.0], device=device))
+        from_norm = torch.diag(torch.tensor([width / 2, height / 2, 1.0], device=device))
+        params.geometric = (to_norm @ inv @ from_norm)[:, :2, :].contiguous()
+    if "c" in preset:
+        brightness = _draw("rand", batch_size, generator, device) - 0.5
+        contrast = _draw("rand", batch_size, generator, device) + 0.5
+        saturation = _draw("rand", batch_size, generator, device) * 2
+        params.colour = torch.stack([brightness, contrast, saturation], dim=1)
+    if "o" in preset:
+        cx = _draw("rand", batch_size, generator, device)
+        cy = _draw("rand", batch_size, generator, device)
+        params.cutout = torch.stack([cx, cy], dim=1)
+    return params
+
+
+def _per_sample(values: torch.Tensor, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Tile per-sample values over a batch of k * batch_size samples (pairs concatenated)."""
+    if x.shape[0] % batch_size:
+        raise ValueError(f"batch of {x.shape[0]} is not a multiple of the {batch_size} samples drawn")
+    reps = x.shape[0] // batch_size
+    return values.to(device=x.device, dtype=x.dtype).repeat(reps, *([1] * (values.ndim - 1)))
+
+
+def apply_geometric(x: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+    """The composed b/g warp of `params` (identity when absent), bilinear with reflection padding.
+
+    Args:
+        x: [k * B, C, H, W] latents.
+        params: drawn for B samples at this H x W.
+    """
+    if params.geometric is None:
+        return x
+    theta = _per_sample(params.geometric, x, params.batch_size)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def apply_colour(x: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+    """Brightness, contrast (around the sample mean), saturation (around the channel mean).
+
+    Args:
+        x: [k * B, C, H, W] latents.
+        params: drawn for B samples.
+    """
+    if params.colour is None:
+        return x
+    values = _per_sample(params.colour, x, params.batch_size)[:, :, None, None, None]
+    brightness, contrast, saturation = values.unbind(1)
+    x = x + brightness
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - mean) * p["contrast"] + mean
+    x = (x - mean) * contrast + mean
     channel_mean = x.mean(dim=1, keepdim=True)
-    return (x - channel_mean) * p["saturation"] + channel_mean
+    return (x - channel_mean) * saturation + channel_mean
 
 
-def _apply_o(x: torch.Tensor, p: dict) -> torch.Tensor:
+def apply_cutout(x: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+    """Zero a half-size rectangle per sample (pixel centres at (i + 0.5) / size).
+
+    Args:
+        x: [k * B, C, H, W] latents.
+        params: drawn for B samples.
+    """
+    if params.cutout is None:
+        return x
     h, w = x.shape[-2:]
-    ys = torch.arange(h, device=x.device, dtype=x.dtype)[:, None] / max(h - 1, 1)
-    xs = torch.arange(w, device=x.device, dtype=x.dtype)[None, :] / max(w - 1, 1)
-    half = p["size"] / 2
-    inside = ((ys - p["cy"]).abs() < half) & ((xs - p["cx"]).abs() < half)
-    return x * (~inside).to(x.dtype)
-
-
-_APPLY = {"b": _apply_b, "g": _apply_g, "c": _apply_c, "o": _apply_o}
+    centre = _per_sample(params.cutout, x, params.batch_size)
+    xs = (torch.arange(w, device=x.device, dtype=x.dtype) + 0.5) / w
+    ys = (torch.arange(h, device=x.device, dtype=x.dtype) + 0.5) / h
+    keep_x = (xs[None, :] - centre[:, :1]).abs() >= CUTOUT_SIZE / 2  # [N, W]
+    keep_y = (ys[None, :] - centre[:, 1:]).abs() >= CUTOUT_SIZE / 2  # [N, H]
+    keep = keep_y[:, None, :, None] | keep_x[:, None, None, :]
+    return x * keep.to(x.dtype)
 
 
 def apply_params(x: torch.Tensor, params: AugmentParams) -> torch.Tensor:
-    for letter, p in params.ops:
-        x = _APPLY[letter](x, p)
-    return x
+    """Replay `params` on `x`: geometric, then colour, then cutout.
+
+    Args:
+        x: [k * B, C, H, W]; sample i gets the transform drawn for sample i mod B, so two inputs
+            concatenated along the batch get the same transform pair by pair.
+        params: from `sample_params`.
+    """
+    return apply_cutout(apply_colour(apply_geometric(x, params), params), params)
 
 
 class LatentAugment(nn.Module):
-    """Apply one freshly drawn transform of `preset` identically to two latent batches."""
+    """Apply per-sample transforms of `preset` to two latent batches, the same one within each pair.
+
+    Args:
+        preset: one of `PRESETS` (default "bg").
+    Call `forward(x, y, generator=None)` with two [B, C, H, W] batches; returns both augmented.
+    """
 
     def __init__(self, preset: str = DEFAULT_PRESET) -> None:
         super().__init__()
@@ -179,14 +260,16 @@ class LatentAugment(nn.Module):
     def forward(
         self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw B transforms and apply transform i to both x[i] and y[i]."""
         if x.shape != y.shape:
             raise ValueError(
                 f"both inputs must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}"
             )
-        params = sample_params(self.preset, x.shape[-2], x.shape[-1], generator)
-        # One pass over the concatenated batch: the same transform, half the kernel launches.
+        params = sample_params(self.preset, x.shape[0], x.shape[-2], x.shape[-1], generator, x.device)
+        # One pass over the concatenated batch: pair i's two inputs at i and B + i.
         both = apply_params(torch.cat([x, y], dim=0), params)
         return both[: x.shape[0]], both[x.shape[0] :]
 
     def extra_repr(self) -> str:
+        """The preset, for the module's repr."""
         return f"preset={self.preset!r}"

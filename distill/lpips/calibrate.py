@@ -27,7 +27,12 @@ LPIPS_FILE = "lpips.safetensors"
 
 
 class RankNet(nn.Module):
-    """Maps a pair of distances to the probability that p1 is judged closer (the judge)."""
+    """Maps a pair of distances to the logit that p1 is judged closer (the judge), as in LPIPS.
+
+    Args:
+        hidden: width of the two hidden 1x1 layers.
+        eps: added to the denominators of the distance ratios.
+    """
 
     def __init__(self, hidden: int = 32, eps: float = 0.1) -> None:
         super().__init__()
@@ -41,19 +46,40 @@ class RankNet(nn.Module):
         )
 
     def forward(self, d0: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
+        """Logits [B] of "p1 is closer" from the distances d0 = d(ref, p0), d1 = d(ref, p1) [B]."""
         # Differences and ratios let the network learn a scale-free comparison of the two distances.
         feats = torch.stack([d0, d1, d0 - d1, d0 / (d1 + self.eps), d1 / (d0 + self.eps)], dim=1)
         return self.net(feats[:, :, None, None]).flatten()  # logit of "p1 is closer"
 
 
 def two_afc_score(d0: torch.Tensor, d1: torch.Tensor, judge: torch.Tensor) -> float:
-    """BAPPS 2AFC agreement: credit judge when d1 < d0, 1 - judge when d0 < d1, half on ties."""
+    """BAPPS 2AFC agreement: credit judge when d1 < d0, 1 - judge when d0 < d1, half on ties.
+
+    Args:
+        d0, d1: distances of p0 and p1 to the reference [B].
+        judge: fraction of people preferring p1 [B].
+    """
     score = (d1 < d0).float() * judge + (d0 < d1).float() * (1 - judge) + (d0 == d1).float() * 0.5
     return float(score.mean())
 
 
 @dataclass
 class CalibrateConfig:
+    """Options of `calibrate` (the `distill lpips calibrate` flags).
+
+    Args:
+        data: folder of 2AFC triplet shards (see `data.load_triplets`).
+        trunk: trunk weights (our trunk or LPIPS safetensors, or an official trunk file).
+        out: run directory (checkpoint.pt and lpips.safetensors).
+        steps: total optimisation steps.
+        batch_size: triplets per step.
+        lr: Adam learning rate.
+        seed: fixes the ranking network's init, batch order and dropout per step.
+        checkpoint_every: steps between checkpoints.
+        log_every: steps between JSON log lines.
+        resume: continue from OUT/checkpoint.pt.
+    """
+
     data: str
     trunk: str
     out: str
@@ -67,11 +93,21 @@ class CalibrateConfig:
 
 
 def distances(model: LatentLPIPS, batch: Triplets) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d(ref, p0), d(ref, p1)) per triplet, feature distance only (no L1 term).
+
+    Args:
+        model: the LatentLPIPS being calibrated.
+        batch: the triplets.
+    """
     return model.feature_distance(batch.ref, batch.p0), model.feature_distance(batch.ref, batch.p1)
 
 
 def calibrate(cfg: CalibrateConfig) -> Path:
-    """Run (or resume) head calibration; returns the path of the exported LPIPS file."""
+    """Run (or resume) head calibration; returns the path of the exported LPIPS file.
+
+    Args:
+        cfg: the options.
+    """
     for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")

@@ -62,6 +62,11 @@ def _report(run) -> int:
 
 
 def register(subparsers) -> None:
+    """Add `lpips train-trunk` and `lpips calibrate` to the `distill` command.
+
+    Args:
+        subparsers: the `distill` parser's subparsers object.
+    """
     lpips = subparsers.add_parser("lpips", help="train E-LatentLPIPS (trunk, then heads) for a latent space")
     sub = lpips.add_subparsers(dest="lpips_command", metavar="LPIPS_COMMAND")
     lpips.set_defaults(func=lambda args: (lpips.print_help(), 2)[1])

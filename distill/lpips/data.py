@@ -23,6 +23,11 @@ LATENT_SUFFIXES = (".npy", ".safetensors")
 
 
 def load_latent_file(path: Path) -> torch.Tensor:
+    """One latent [C, H, W] as float32 from a .npy file or a safetensors file's "latent" tensor.
+
+    Args:
+        path: the file.
+    """
     if path.suffix == ".npy":
         array = np.load(path, allow_pickle=False)
         tensor = torch.from_numpy(np.ascontiguousarray(array)).float()
@@ -37,7 +42,11 @@ def load_latent_file(path: Path) -> torch.Tensor:
 
 
 class LabelledLatentFolder:
-    """Index of (file, class) pairs; latents are read per batch, so the folder may exceed RAM."""
+    """Index of (file, class) pairs; latents are read per batch, so the folder may exceed RAM.
+
+    Args:
+        root: folder of class sub-folders of latents (layout in the module doc).
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -59,6 +68,7 @@ class LabelledLatentFolder:
         return len(self.items)
 
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents [N, C, H, W], labels [N]) of the items at `indices`."""
         latents, labels = [], []
         for i in indices.tolist():
             path, label = self.items[i]
@@ -74,6 +84,14 @@ class LabelledLatentFolder:
 
 @dataclass
 class Triplets:
+    """2AFC triplets in memory.
+
+    Args:
+        ref: reference latents [N, C, H, W].
+        p0, p1: the two distorted latents [N, C, H, W].
+        judge: fraction of people judging p1 closer to ref [N], in [0, 1].
+    """
+
     ref: torch.Tensor
     p0: torch.Tensor
     p1: torch.Tensor
@@ -83,11 +101,16 @@ class Triplets:
         return self.ref.shape[0]
 
     def batch(self, indices: torch.Tensor) -> Triplets:
+        """The triplets at `indices`."""
         return Triplets(self.ref[indices], self.p0[indices], self.p1[indices], self.judge[indices])
 
 
 def load_triplets(root: str | Path) -> Triplets:
-    """All triplet shards of `root`, validated and concatenated in file-name order."""
+    """All triplet shards of `root`, validated and concatenated in file-name order.
+
+    Args:
+        root: folder of *.safetensors triplet shards (layout in the module doc).
+    """
     root = Path(root)
     files = sorted(root.glob("*.safetensors")) if root.is_dir() else []
     if not files:

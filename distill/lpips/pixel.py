@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from d2g.teacher.vae import decode as vae_decode
+
 from .checkpoints import CheckpointError, _assign, _torch_load
-from .latent_lpips import LinearHead, paired_taps, unit_normalize
+from .latent_lpips import LinearHead, paired_taps
 
 # torchvision vgg16 (no batch norm) features: conv/relu pairs with pools at 4, 9, 16, 23, 30.
 _VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -27,7 +29,19 @@ _SHIFT = (-0.030, -0.088, -0.188)
 _SCALE = (0.458, 0.448, 0.450)
 
 
+def lpips_normalize(features: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Pixel LPIPS's channel normalisation, x / (||x|| + 1e-10) (the latent metric uses 1e-8 under
+    the square root instead: `latent_lpips.unit_normalize`).
+
+    Args:
+        features: [B, C, H, W].
+        eps: added to the norm.
+    """
+    return features / (torch.sqrt(torch.sum(features * features, dim=1, keepdim=True)) + eps)
+
+
 def build_vgg16_features() -> nn.Sequential:
+    """torchvision's `vgg16().features` layout (no batch norm), 3 input channels."""
     layers: list[nn.Module] = []
     channels = 3
     for item in _VGG16_CFG:
@@ -40,7 +54,14 @@ def build_vgg16_features() -> nn.Sequential:
 
 
 class PixelLPIPS(nn.Module):
-    """VGG16 LPIPS on [-1, 1] RGB images; returns the per-sample distance [B]."""
+    """VGG16 LPIPS on [-1, 1] RGB images; returns the per-sample distance [B].
+
+    Args:
+        vgg_weights: local torchvision-layout VGG16 state dict (`features.N.*`).
+        lpips_weights: local LPIPS head weights (`linK.model.1.weight`).
+        allow_random: permit random weights for whichever file is not given (cost benchmarks
+            only; flagged by `random_weights` and a warning).
+    """
 
     def __init__(
         self,
@@ -89,6 +110,7 @@ class PixelLPIPS(nn.Module):
         _assign(self.lins, mapped, {k: f"lin{k[0]}.model.1.weight" for k in self.lins.state_dict()}, path)
 
     def taps(self, img: torch.Tensor) -> list[torch.Tensor]:
+        """The five VGG16 taps (relu1_2 .. relu5_3) of images in [-1, 1]."""
         x = (img - self.shift) / self.scale
         out = []
         for index, layer in enumerate(self.features):
@@ -100,16 +122,22 @@ class PixelLPIPS(nn.Module):
         return out
 
     def forward(self, img0: torch.Tensor, img1: torch.Tensor) -> torch.Tensor:
+        """Per-sample distance [B] between two image batches in [-1, 1]."""
         total = img0.new_zeros(img0.shape[0])
         pairs = paired_taps(self.taps, img0, img1, separable=True)  # no batch norm in VGG16
         for (f0, f1), head in zip(pairs, self.lins, strict=True):
-            diff = unit_normalize(f0) - unit_normalize(f1)
+            diff = lpips_normalize(f0) - lpips_normalize(f1)
             total = total + head(diff * diff).mean(dim=(1, 2, 3))
         return total
 
 
 def load_vae(vae) -> nn.Module:
-    """An AutoencoderKL instance, or a local path to a VAE or a pipeline folder holding `vae/`."""
+    """An AutoencoderKL: `vae` itself if a module, else loaded from a local VAE folder or a
+    pipeline folder holding `vae/`.
+
+    Args:
+        vae: an AutoencoderKL instance or a local path.
+    """
     if isinstance(vae, nn.Module):
         return vae
     from diffusers import AutoencoderKL
@@ -123,18 +151,24 @@ def load_vae(vae) -> nn.Module:
 
 
 class DecodedPixelLPIPS(nn.Module):
-    """Decode diffusion latents with a frozen VAE, then pixel LPIPS: the baseline loss."""
+    """Decode diffusion latents with a frozen VAE, then pixel LPIPS: the baseline loss.
+
+    Decoding is `d2g.teacher.vae.decode` (the VAE's own shift and scale, images clamped to [-1, 1]).
+
+    Args:
+        vae: an AutoencoderKL or a local path (see `load_vae`).
+        pixel_lpips: the pixel metric applied to the decoded images.
+    """
 
     def __init__(self, vae, pixel_lpips: PixelLPIPS) -> None:
         super().__init__()
         self.vae = load_vae(vae).eval().requires_grad_(False)
         self.lpips = pixel_lpips.eval().requires_grad_(False)
-        config = self.vae.config
-        self.scaling_factor = float(getattr(config, "scaling_factor", 1.0) or 1.0)
-        self.shift_factor = float(getattr(config, "shift_factor", 0.0) or 0.0)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents / self.scaling_factor + self.shift_factor).sample
+        """Diffusion latents -> images in [-1, 1] (differentiable)."""
+        return vae_decode(self.vae, latents)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample pixel LPIPS [B] between the decodes of two latent batches."""
         return self.lpips(self.decode(pred), self.decode(target))

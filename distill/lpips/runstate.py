@@ -7,29 +7,43 @@ resumed at step k continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
+
+from store.atomic import write_local_file
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
-    """Independent, reproducible randomness for one step (batch choice, augmentation)."""
+    """Independent, reproducible randomness for one step (batch choice, augmentation).
+
+    Args:
+        seed: the run's seed.
+        step: the step number.
+    """
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
 def save_checkpoint(run_dir: Path, state: dict) -> Path:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / CHECKPOINT_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # readers see the old or the new checkpoint, never half of one
+    """Write `state` to RUN_DIR/checkpoint.pt atomically (readers see the old or the new file).
+
+    Args:
+        run_dir: the run directory (created if needed).
+        state: tensors, numbers and strings only (it is read back with weights_only=True).
+    """
+    path = Path(run_dir) / CHECKPOINT_NAME
+    write_local_file(path, lambda tmp: torch.save(state, tmp))
     return path
 
 
 def load_checkpoint(run_dir: Path) -> dict | None:
+    """The run's checkpoint read with `torch.load(weights_only=True)`, or None if there is none.
+
+    Args:
+        run_dir: the run directory.
+    """
     path = run_dir / CHECKPOINT_NAME
     if not path.is_file():
         return None
@@ -37,7 +51,12 @@ def load_checkpoint(run_dir: Path) -> dict | None:
 
 
 def check_start(run_dir: Path, resume: bool) -> dict | None:
-    """The checkpoint to resume from; refuses to overwrite a run unless --resume was given."""
+    """The checkpoint to resume from; refuses to overwrite a run unless --resume was given.
+
+    Args:
+        run_dir: the run directory.
+        resume: whether --resume was given.
+    """
     state = load_checkpoint(run_dir)
     if state is not None and not resume:
         raise FileExistsError(
@@ -47,7 +66,14 @@ def check_start(run_dir: Path, resume: bool) -> dict | None:
 
 
 def check_config(saved: dict, current: dict, run_dir: Path, ignore: tuple[str, ...] = ("steps",)) -> None:
-    """A resumed run must use the options that produced its checkpoint (except `ignore`)."""
+    """A resumed run must use the options that produced its checkpoint (except `ignore`).
+
+    Args:
+        saved: the checkpoint's options.
+        current: this run's options.
+        run_dir: the run directory (named in the error).
+        ignore: options that may differ (e.g. the total number of steps).
+    """
     for key, value in current.items():
         if key in ignore:
             continue

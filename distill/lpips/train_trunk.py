@@ -24,6 +24,21 @@ TRUNK_FILE = "trunk.safetensors"
 
 @dataclass
 class TrunkTrainConfig:
+    """Options of `train_trunk` (the `distill lpips train-trunk` flags).
+
+    Args:
+        data: folder of class sub-folders of latents (see `data.LabelledLatentFolder`).
+        out: run directory (checkpoint.pt and trunk.safetensors).
+        steps: total optimisation steps.
+        batch_size: latents per step.
+        lr, momentum, weight_decay: SGD settings.
+        width: trunk channel multiplier (1.0 is the official architecture).
+        seed: fixes the initial weights and the batch order.
+        checkpoint_every: steps between checkpoints.
+        log_every: steps between JSON log lines.
+        resume: continue from OUT/checkpoint.pt.
+    """
+
     data: str
     out: str
     steps: int = 1000
@@ -45,7 +60,11 @@ def _validate(cfg: TrunkTrainConfig) -> None:
 
 
 def train_trunk(cfg: TrunkTrainConfig) -> Path:
-    """Run (or resume) trunk training; returns the path of the exported trunk."""
+    """Run (or resume) trunk training; returns the path of the exported trunk.
+
+    Args:
+        cfg: the options.
+    """
     _validate(cfg)
     out = Path(cfg.out)
     data = LabelledLatentFolder(cfg.data)

@@ -2,9 +2,15 @@
 
 The layout is reproduced (not imported: torchvision is not a dependency) so that official keys
 `features.N.*` map one to one onto `self.features[N]`. Two changes from the pixel network, as in
-E-LatentLPIPS: the first convolution takes the latent channels, and the first three max-pools are
-replaced by `nn.Identity` (latents are already 8x smaller than pixels). Replacing instead of
-deleting keeps every later index where torchvision has it.
+E-LatentLPIPS: the first convolution takes the latent channels, and the first three max-pools
+(features indices 6, 13 and 23) are replaced by `nn.Identity` (latents are already 8x smaller than
+pixels). Replacing instead of deleting keeps every later index where torchvision has it.
+
+The five LPIPS taps are the outputs of the five slices `features[0:7]`, `[7:14]`, `[14:24]`,
+`[24:34]`, `[34:44]`, i.e. read after the layer ending each slice. Those layers are the five
+max-pools: the first three are identities here, so taps 1-3 equal relu1_2, relu2_2 and relu3_3;
+taps 4 and 5 are read *after* the 4th and 5th (real) max-pools. For a 64x64 latent the tap sizes
+are 64, 64, 64, 32, 16.
 """
 
 from __future__ import annotations
@@ -17,20 +23,36 @@ VGG16_CFG: tuple[int | str, ...] = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
 )  # fmt: skip
 
-# Index of the ReLU ending each of the five conv stages in vgg16_bn.features (relu1_2 .. relu5_3).
-VGG16_BN_TAPS: tuple[int, ...] = (5, 12, 22, 32, 42)
+# The LPIPS slices of vgg16_bn.features as [start, end) index ranges, and the index of the last
+# layer of each (the five max-pools, 6/13/23/33/43): a tap is the output of that layer.
+VGG16_BN_SLICES: tuple[tuple[int, int], ...] = ((0, 7), (7, 14), (14, 24), (24, 34), (34, 44))
+VGG16_BN_TAPS: tuple[int, ...] = tuple(end - 1 for _, end in VGG16_BN_SLICES)
 TAP_CHANNELS: tuple[int, ...] = (64, 128, 256, 512, 512)
 NUM_POOLS_REMOVED = 3
+# The two max-pools kept precede the 5th tap, which must keep at least one position.
+MIN_LATENT_SIZE = 2 ** (len(VGG16_BN_SLICES) - NUM_POOLS_REMOVED)
 
 
 def scaled_channels(channels: int, width: float) -> int:
-    """Channel count under a width multiplier; tests use width < 1, official weights need 1."""
+    """Channel count under a width multiplier; tests use width < 1, official weights need 1.
+
+    Args:
+        channels: the channel count at width 1.
+        width: the multiplier (> 0).
+    """
     return max(1, int(round(channels * width)))
 
 
 def build_vgg16_bn_features(
     in_channels: int, width: float = 1.0, pools_removed: int = NUM_POOLS_REMOVED
 ) -> nn.Sequential:
+    """torchvision's `vgg16_bn().features` layout (conv3x3-BN-ReLU blocks, 44 modules).
+
+    Args:
+        in_channels: channels of the input (latent channels here, 3 for pixels).
+        width: channel multiplier applied to every convolution.
+        pools_removed: how many of the first max-pools become `nn.Identity` (indices kept).
+    """
     layers: list[nn.Module] = []
     channels = in_channels
     pools_seen = 0
@@ -43,6 +65,18 @@ def build_vgg16_bn_features(
         layers += [nn.Conv2d(channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
         channels = out
     return nn.Sequential(*layers)
+
+
+def slice_of(index: int) -> int:
+    """The LPIPS slice (1..5) holding vgg16_bn features index `index`; ValueError past the last.
+
+    Args:
+        index: an index into `vgg16_bn().features` (0..43).
+    """
+    for k, (start, end) in enumerate(VGG16_BN_SLICES, start=1):
+        if start <= index < end:
+            return k
+    raise ValueError(f"features index {index} lies outside the LPIPS slices [0, {VGG16_BN_SLICES[-1][1]})")
 
 
 def _init_like_torchvision(module: nn.Module) -> None:
@@ -58,11 +92,13 @@ def _init_like_torchvision(module: nn.Module) -> None:
 
 
 class LatentVGG16BN(nn.Module):
-    """VGG16-BN feature extractor over latents, returning the five stage outputs.
+    """VGG16-BN feature extractor over latents, returning the five LPIPS taps.
 
     Args:
         latent_channels: channels of the latent (4 for SD1.5/2.x/SDXL, 16 for SD3/FLUX).
         width: channel multiplier; 1.0 is the official architecture (~14.7M parameters).
+    Call with latents [B, latent_channels, H, W] (H, W >= 4); returns five tensors of sizes
+    (H, W), (H, W), (H, W), (H/2, W/2), (H/4, W/4) (floored) with `tap_channels` channels.
     """
 
     def __init__(self, latent_channels: int = 4, width: float = 1.0) -> None:
@@ -78,18 +114,21 @@ class LatentVGG16BN(nn.Module):
         _init_like_torchvision(self)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The five tap outputs for latents `x` [B, C, H, W]."""
         if x.ndim != 4 or x.shape[1] != self.latent_channels:
             raise ValueError(
                 f"expected latents of shape [B, {self.latent_channels}, H, W], got {tuple(x.shape)}"
             )
+        if min(x.shape[-2:]) < MIN_LATENT_SIZE:
+            raise ValueError(
+                f"latents must be at least {MIN_LATENT_SIZE}x{MIN_LATENT_SIZE} (two 2x2 max-pools precede "
+                f"the last tap), got {tuple(x.shape[-2:])}"
+            )
         taps: list[torch.Tensor] = []
-        last = VGG16_BN_TAPS[-1]
         for index, layer in enumerate(self.features):
             x = layer(x)
             if index in VGG16_BN_TAPS:
                 taps.append(x)
-            if index == last:
-                break  # the final max-pool feeds only the classifier, never a tap
         return taps
 
 
@@ -98,6 +137,11 @@ class LatentClassifier(nn.Module):
 
     The head (global average pool + linear) is ours, not torchvision's 25088x4096 MLP: only the
     trunk is ever reused, and a small head keeps training cheap on latents of any size.
+
+    Args:
+        latent_channels: channels of the latents to classify.
+        num_classes: number of classes (logits returned per sample).
+        width: trunk channel multiplier.
     """
 
     def __init__(self, latent_channels: int, num_classes: int, width: float = 1.0) -> None:
@@ -106,5 +150,6 @@ class LatentClassifier(nn.Module):
         self.classifier = nn.Linear(self.trunk.tap_channels[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits [B, num_classes] for latents `x` [B, C, H, W]."""
         features = self.trunk.features(x)
         return self.classifier(features.mean(dim=(2, 3)))

@@ -17,10 +17,11 @@ from distill.lpips.checkpoints import (
 )
 
 # torchvision vgg16_bn `features` layout, written out independently of distill.lpips.trunk:
-# (conv index, in, out); batch norm sits at conv index + 1; taps end the slices at 5/12/22/32/42.
+# (conv index, in, out); batch norm sits at conv index + 1. The LPIPS slices are features[0:7],
+# [7:14], [14:24], [24:34], [34:44]; each ends with a max-pool (6, 13, 23, 33, 43), parameter-free.
 CONVS = [(0, None, 64), (3, 64, 64), (7, 64, 128), (10, 128, 128), (14, 128, 256), (17, 256, 256), (20, 256, 256),
          (24, 256, 512), (27, 512, 512), (30, 512, 512), (34, 512, 512), (37, 512, 512), (40, 512, 512)]  # fmt: skip
-SLICE_ENDS = [5, 12, 22, 32, 42]
+SLICES = [(0, 7), (7, 14), (14, 24), (24, 34), (34, 44)]
 HEAD_CHANNELS = [64, 128, 256, 512, 512]
 
 
@@ -41,7 +42,7 @@ def official_features(latent_channels: int = 4, seed: int = 0) -> dict[str, torc
 
 
 def slice_of(index: int) -> int:
-    return next(k for k, end in enumerate(SLICE_ENDS, start=1) if index <= end)
+    return next(k for k, (start, end) in enumerate(SLICES, start=1) if start <= index < end)
 
 
 def write_trunk_file(path, features, prefix="module.model."):

@@ -9,7 +9,7 @@ from distill.losses import REGRESSION_LOSSES, make_regression_loss
 from distill.lpips import ELatentLPIPS, LatentAugment, LatentLPIPS, save_lpips
 from distill.lpips.augment import apply_params, sample_params
 
-PRESETS = ["b", "g", "c", "o", "bg", "bgco"]
+PRESETS = ["b", "g", "c", "o", "co", "bg", "bgc", "bgco"]
 WIDTH = 0.125
 
 
@@ -59,7 +59,7 @@ def test_gradients_reach_the_first_input(preset):
 
 def test_augmentation_replay_is_differentiable_and_matches():
     x = latents(4).requires_grad_(True)
-    params = sample_params("bgco", 16, 16, torch.Generator().manual_seed(0))
+    params = sample_params("bgco", 3, 16, 16, torch.Generator().manual_seed(0))
     out = apply_params(x, params)
     assert torch.equal(out, apply_params(x.detach(), params))
     out.square().sum().backward()
@@ -67,15 +67,22 @@ def test_augmentation_replay_is_differentiable_and_matches():
 
 
 @pytest.mark.parametrize("ensemble", [False, True])
-def test_distance_is_never_negative_even_with_negative_head_weights(ensemble):
-    model = make(ensemble, "bgco")
+def test_head_weights_are_used_as_stored(ensemble):
+    # As published: no clamp at use. Negating every head negates the feature distance exactly.
+    model = make(ensemble, "bgco", l1_weight=0.0)
+    x, y = latents(19), latents(20)
     with torch.no_grad():
         for head in model.lins:
-            head.model[1].weight.normal_()  # half negative: the forward clamp must hold
-    with torch.no_grad():
-        for seed in range(10):
-            d = model(latents(seed), latents(seed + 100) * (seed + 1) * 0.3)
-            assert (d >= 0).all(), d
+            head.model[1].weight.uniform_(0.1, 1.0)
+        positive = model(x, y, torch.Generator().manual_seed(1)) if ensemble else model(x, y)
+        for head in model.lins:
+            head.model[1].weight.neg_()
+        negative = model(x, y, torch.Generator().manual_seed(1)) if ensemble else model(x, y)
+    assert (positive > 0).all()
+    assert torch.allclose(negative, -positive, rtol=1e-6)
+    # Calibration's projection is explicit, not part of the forward pass.
+    model.clamp_weights_()
+    assert all(float(head.model[1].weight.detach().max()) == 0 for head in model.lins)
 
 
 def test_plain_latent_lpips_is_symmetric_and_ensemble_symmetric_for_a_shared_draw():
@@ -117,8 +124,46 @@ def test_normalize_applies_the_vae_scaling_to_raw_latents():
     )
 
 
+@pytest.mark.parametrize(
+    ("name", "channels", "shift", "scale"),
+    [("sd15", 4, 0.0, 0.18215), ("sd21", 4, 0.0, 0.18215), ("sdxl", 4, 0.0, 0.13025),
+     ("sd3", 16, 0.0609, 1.5305), ("flux", 16, 0.1159, 0.3611)],
+)  # fmt: skip
+def test_the_five_published_latent_spaces(name, channels, shift, scale):
+    from distill.lpips import LATENT_SPACES, latent_space
+
+    space = latent_space(name)
+    assert (space.channels, space.shift, space.scale) == (channels, shift, scale)
+    assert set(LATENT_SPACES) == {"sd15", "sd21", "sdxl", "sd3", "flux"}
+    model = LatentLPIPS(width=WIDTH, normalize=True, vae=name)  # channels follow the space
+    assert model.latent_channels == channels
+    raw = torch.full((1, channels, 4, 4), 2.0)
+    assert torch.allclose(model.prepare(raw), torch.full_like(raw, (2.0 - shift) * scale))
+
+
+def test_a_latent_space_from_a_teacher_vae_or_its_config():
+    from types import SimpleNamespace
+
+    from distill.lpips import latent_space
+
+    config = {"latent_channels": 16, "scaling_factor": 0.5, "shift_factor": 0.25}
+    vae = SimpleNamespace(config=SimpleNamespace(**config))  # what an AutoencoderKL exposes
+    for source in (config, vae):
+        space = latent_space(source)
+        assert (space.channels, space.shift, space.scale) == (16, 0.25, 0.5)
+        model = LatentLPIPS(width=WIDTH, normalize=True, vae=source)
+        assert model.latent_channels == 16
+        assert torch.allclose(model.prepare(torch.ones(1, 16, 4, 4)), torch.full((1, 16, 4, 4), 0.375))
+    no_shift = latent_space({"latent_channels": 4, "scaling_factor": 0.18215, "shift_factor": None})
+    assert no_shift.shift == 0.0
+    with pytest.raises(ValueError, match="latent_channels"):
+        latent_space({"scaling_factor": 0.5})
+    with pytest.raises(ValueError, match="unknown vae 'sd2'"):
+        latent_space("sd2")
+
+
 def test_bad_options_are_named():
-    with pytest.raises(ValueError, match="'z'"):
+    with pytest.raises(ValueError, match="'bz'.*valid presets"):
         LatentAugment("bz")
     with pytest.raises(ValueError, match="normalize=True needs vae"):
         LatentLPIPS(4, WIDTH, normalize=True)
