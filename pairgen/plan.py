@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from store import layout
+
 
 @dataclass(frozen=True)
 class ShardTask:
@@ -23,8 +25,8 @@ def shard_name(shard: int, count: int, shard_size: int) -> str:
     """Full shards are `shard-000012`; a short last shard carries its count, `shard-000012-p000232`,
     so extending the dataset later writes the full shard under a new name and never overwrites."""
     if count == shard_size:
-        return f"shard-{shard:06d}"
-    return f"shard-{shard:06d}-p{count:06d}"
+        return layout.shard_name(shard)
+    return layout.partial_shard_name(shard, count)
 
 
 def plan_shards(num_pairs: int, shard_size: int) -> list[tuple[int, str, int, int]]:

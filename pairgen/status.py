@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from store import PairStore
+from store import PairStore, layout
 
 
 def dataset_status(url: str) -> dict:
@@ -15,7 +15,7 @@ def dataset_status(url: str) -> dict:
     target = plan.get("target_num_pairs")
     shard_size = plan.get("shard_size")
     target_shards = -(-target // shard_size) if target and shard_size else None
-    done_indices = {name.split("-")[1] for name in complete}
+    done_indices = {layout.shard_number(name) for name in complete} - {None}
     return {
         "url": url,
         "last_version": latest,

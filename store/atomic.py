@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import posixpath
-import uuid
 from collections.abc import Callable
 
 import fsspec
 
+from .layout import temp_path
 from .url import is_local
 
 # Object stores where an upload only becomes visible once complete, so we can stream in place.
@@ -25,17 +25,11 @@ def _atomic_upload(fs: fsspec.AbstractFileSystem) -> bool:
     return any(p in _ATOMIC_UPLOAD for p in protos)
 
 
-def _tmp_path(path: str) -> str:
-    d, name = posixpath.split(path)
-    # Leading dot: pyarrow.dataset and most listers ignore it, so temp files never look like data.
-    return posixpath.join(d, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
 def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Create `path` holding `data`; FileExistsError if it already exists. Never overwrites."""
     if is_local(fs):
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        tmp = _tmp_path(path)
+        tmp = temp_path(path)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -53,7 +47,7 @@ def replace(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Publish `data` at `path` in one step (used for uncommitted shard files only)."""
     if is_local(fs):
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        tmp = _tmp_path(path)
+        tmp = temp_path(path)
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -64,11 +58,12 @@ def replace(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
 
 
 def write_local_file(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Write a local file through `write(temp_path)` (torch.save, safetensors' save_file...), then
-    publish it with os.replace: a crash mid-write leaves the previous file intact, never half of one."""
+    """Write a local file through `write(tmp)` (torch.save, safetensors' save_file...) with `tmp` a
+    hidden temp path, then publish it with os.replace: a crash mid-write leaves the previous file
+    intact, never half of one."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = _tmp_path(path)
+    tmp = temp_path(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -81,26 +76,29 @@ class StreamingUpload:
     """A file written in pieces that appears at `path` only on commit(); abort() leaves nothing."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str):
+        """Open the upload; nothing is visible at `path` (on filesystem `fs`) until commit()."""
         self.fs = fs
         self.path = path
         self._local = is_local(fs)
         self._direct = _atomic_upload(fs)
         if self._local:
             fs.makedirs(posixpath.dirname(path), exist_ok=True)
-            self._tmp = _tmp_path(path)
+            self._tmp = temp_path(path)
             self._f = open(self._tmp, "wb")
         elif self._direct:
             # s3fs uploads parts as its buffer fills (multipart) and completes the object on close.
             self._f = fs.open(path, "wb")
         else:
             # e.g. memory://, which publishes a file as soon as it is opened: write aside, then move.
-            self._tmp = _tmp_path(path)
+            self._tmp = temp_path(path)
             self._f = fs.open(self._tmp, "wb")
 
     def write(self, data) -> None:
+        """Append bytes (any buffer) to the file."""
         self._f.write(data)
 
     def commit(self) -> None:
+        """Finish the file and publish it at `path` in one step, replacing any file there."""
         self._f.close()
         if self._local:
             os.replace(self._tmp, self.path)
@@ -108,6 +106,7 @@ class StreamingUpload:
             self.fs.mv(self._tmp, self.path)
 
     def abort(self) -> None:
+        """Abandon the upload: nothing appears at `path` and the temp file is removed."""
         if self._local:
             self._f.close()
             try:

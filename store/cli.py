@@ -8,6 +8,7 @@ import sys
 
 from .errors import StoreError
 from .pairstore import PairStore
+from .schema import INDEX, KEY, PROMPT, SEED, SHARD
 from .url import parse_url
 
 
@@ -17,6 +18,7 @@ def _open(url: str) -> tuple[PairStore, int | None]:
 
 
 def cmd_versions(args) -> int:
+    """`store versions URL`: one line (or JSON object) per committed version."""
     st, _ = _open(args.url)
     rows = []
     for v in st.versions():
@@ -37,6 +39,7 @@ def cmd_versions(args) -> int:
 
 
 def cmd_info(args) -> int:
+    """`store info URL[@vN]`: the summary of one version (the latest by default)."""
     st, version = _open(args.url)
     m = st.manifest(version)
     info = {
@@ -61,6 +64,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    """`store verify URL[@vN]`: check every shard of a version; exit status 1 if any is bad."""
     from tqdm import tqdm
 
     from .verify import verify_version
@@ -84,25 +88,27 @@ def cmd_verify(args) -> int:
 
 
 def cmd_head(args) -> int:
+    """`store head URL[@vN]`: the first samples of a version, from the indexes only."""
     st, version = _open(args.url)
     m = st.manifest(version)
     rows = []
     for s in m.shards:
         if len(rows) >= args.n:
             break
-        sidx = st._shard_index(s.name)
+        sidx = st.shard_index(s.name)
         for r in range(min(len(sidx), args.n - len(rows))):
-            rows.append({"index": int(sidx.indices[r]), "key": sidx.keys[r], "seed": int(sidx.seeds[r]),
-                         "prompt": sidx.prompts[r], "shard": s.name})
+            rows.append({INDEX: int(sidx.indices[r]), KEY: sidx.keys[r], SEED: int(sidx.seeds[r]),
+                         PROMPT: sidx.prompts[r], SHARD: s.name})
     if args.json:
         print(json.dumps(rows, indent=1, ensure_ascii=False))
     else:
         for r in rows:
-            print(f"{r['index']}\t{r['key']}\t{r['shard']}\tseed={r['seed']}\t{r['prompt']}")
+            print(f"{r[INDEX]}\t{r[KEY]}\t{r[SHARD]}\tseed={r[SEED]}\t{r[PROMPT]}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `store` argument parser: one subcommand per cmd_* function."""
     p = argparse.ArgumentParser(prog="store", description="Inspect and verify d2g pair datasets (URL or URL@vN).")
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, fn, helptext in (
@@ -124,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the `store` command line; returns the exit status (2 with one line on stderr on error)."""
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

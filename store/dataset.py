@@ -1,28 +1,84 @@
 """PairDataset: a streaming torch IterableDataset over `URL[@vN]` with deterministic shuffling,
-equal per-rank counts, background read-ahead and exact mid-epoch resume (see docs/FORMAT.md)."""
+equal per-rank counts, background read-ahead and exact mid-epoch resume (docs/FORMAT.md, section 6).
+
+Iterating a PairDataset yields plain sample dicts and keeps the resume state itself. PairLoader
+drives it through the loader methods instead (plan_workers, iter_tagged, record_delivered,
+finish_pass): there each sample travels in a TaggedSample that carries its position beside the
+dict, and the main process records what reached the caller.
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 import xxhash
 from torch.utils.data import IterableDataset, get_worker_info
 
+from . import layout
 from .errors import CorruptShardError, StoreError
+from .manifest import ShardInfo
 from .order import Base, EpochOrder, IntervalSet, rank_range, split_by_count
 from .pairstore import PairStore
-from .reading import META_FIELDS, Decoder, ShardIndex, array_members, decode_rows, fetch_range, hash_failures
+from .reading import Decoder, ShardIndex, decode_rows, fetch_range, fetched_members, hash_failures
+from .schema import LATENT, META_FIELDS, NOISE, PROMPT
 from .url import parse_url
 
 STATE_FORMAT = 1
 
 
+@dataclass(frozen=True)
+class SkippedRun:
+    """Positions of one shard that could not be read and were skipped (on_corrupt="skip").
+
+    Attributes:
+        shard: the shard name, the key they are counted under in `PairDataset.skipped`.
+        positions: their virtual positions.
+    """
+
+    shard: str
+    positions: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TaggedSample:
+    """One sample and the bookkeeping exact resume needs, kept beside the sample, not in it.
+
+    Attributes:
+        sample: the dict the caller sees.
+        position: the sample's virtual position in this rank's epoch.
+        worker: the DataLoader worker that read it (0 when read in the calling process).
+        skipped: what this worker skipped since its previous sample; it travels with the next
+            sample so the main process learns of it in order (a skip that no later sample of its
+            worker carries is settled by PairDataset.finish_pass).
+    """
+
+    sample: dict
+    position: int
+    worker: int
+    skipped: tuple[SkippedRun, ...] = ()
+
+
 class PairDataset(IterableDataset):
+    """Samples of one pinned version of a pair store, in a deterministic order, with exact resume.
+
+    Each sample is a dict: the requested fields (arrays as torch tensors in their stored dtype,
+    `prompt` a str, `seed` an int, `json` the raw record) plus `index` and `key`.
+
+    Attributes:
+        store: the PairStore of the root.
+        manifest: the pinned version's manifest; `version` is its number.
+        fields: the requested fields.
+        epoch: the current epoch; a full pass (or set_epoch) moves it on.
+        skipped: shard name -> samples skipped in it so far (on_corrupt="skip").
+    """
+
     def __init__(
         self,
         url: str,
-        fields=("noise", "latent", "prompt"),
+        fields=(NOISE, LATENT, PROMPT),
         shuffle: bool = True,
         seed: int = 0,
         shuffle_block: int = 1024,
@@ -34,6 +90,28 @@ class PairDataset(IterableDataset):
         verify_hashes: bool = True,
         storage_options: dict | None = None,
     ):
+        """Open `url` and pin its version; only the manifest is read.
+
+        Args:
+            url: `ROOT@vN`, or `ROOT` for the latest version at construction (it stays pinned
+                across epochs and DataLoader workers).
+            fields: the fields each sample holds: array fields of the schema and/or "prompt",
+                "seed", "json" (the raw json record).
+            shuffle: permute the shards and shuffle samples within blocks, anew each epoch; False
+                reads the shards in manifest order and their samples in index order.
+            seed: the shuffle seed; (seed, epoch) fixes the order.
+            shuffle_block: samples are shuffled within consecutive blocks of this many positions;
+                memory is about (read_ahead + 1) blocks whatever the dataset size.
+            rank: this process's rank; default torch.distributed's when initialised, else 0.
+            world_size: the number of ranks; default torch.distributed's when initialised, else 1.
+            pad: with several ranks, every rank gets ceil(N / world_size) samples, positions past
+                the end wrapping to the start (True), or N // world_size, dropping the tail (False).
+            read_ahead: chunks fetched ahead on background threads; 0 reads synchronously.
+            on_corrupt: "raise" a CorruptShardError naming the shard, or "skip" what cannot be read
+                and count it in `skipped`.
+            verify_hashes: check every member read (and every index) against its recorded xxh3.
+            storage_options: fsspec options for the root's filesystem.
+        """
         root, version = parse_url(url)
         if on_corrupt not in ("raise", "skip"):
             raise StoreError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
@@ -62,21 +140,23 @@ class PairDataset(IterableDataset):
         self._consumed = IntervalSet()
         self._spans: list[list[tuple[int, int]]] | None = None
         self._next_worker = 0
-        self._driven = False
         # Epoch positions this epoch still covers (None: all). Set only by an elastic resume.
         self._base: list[tuple[int, int]] | None = None
 
     # -- ranks --------------------------------------------------------------------------------
     @property
     def num_samples(self) -> int:
+        """The number of samples in the pinned version (all ranks together)."""
         return self.manifest.num_pairs
 
     @property
     def rank(self) -> int:
+        """This process's rank."""
         return self._dist()[0]
 
     @property
     def world_size(self) -> int:
+        """The number of ranks the samples are split between."""
         return self._dist()[1]
 
     def _freeze_dist(self) -> None:
@@ -107,11 +187,13 @@ class PairDataset(IterableDataset):
         return rank_range(self._base_obj().size, world, rank, self.pad)
 
     def __len__(self) -> int:
+        """Samples this rank yields in a full epoch (the same on every rank)."""
         a, b = self._rank_range()
         return b - a
 
     # -- state --------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
+        """Start epoch `epoch` from its beginning (nothing consumed yet)."""
         self.epoch = int(epoch)
         self._consumed = IntervalSet()
         self._spans = None
@@ -119,16 +201,10 @@ class PairDataset(IterableDataset):
         self._base = None
 
     def _complete_epoch(self, epoch: int) -> None:
-        if self.epoch == epoch:  # idempotent: loader and dataset may both report the same end
+        # A no-op once the epoch has moved on (set_epoch during the pass, or a second report of
+        # the same end), so one pass can never advance two epochs.
+        if self.epoch == epoch:
             self.set_epoch(epoch + 1)
-
-    def _record(self, positions, worker: int | None = None, num_workers: int = 1, skipped=()) -> None:
-        self._consumed.add_positions(positions)
-        for shard, pos in skipped:
-            self._consumed.add_positions(pos)
-            self.skipped[shard] = self.skipped.get(shard, 0) + len(pos)
-        if worker is not None:
-            self._next_worker = (worker + 1) % max(1, num_workers)
 
     def _account_unreported(self) -> None:
         """After a full pass through a loader, positions never delivered were skipped in a worker
@@ -137,13 +213,14 @@ class PairDataset(IterableDataset):
         missing = self._consumed.subtract_from(a, b)
         if not missing:
             return
-        order = EpochOrder([s.num_samples for s in self.manifest.shards], self.seed, self.epoch, self.shuffle, self.shuffle_block)
+        order = self._order(self.epoch)
         for q, p, n in order.chunks(missing, self._base_obj()):
             shard_ids, _ = order.locate(order.list_indices(p, n))
             for j, sid in enumerate(shard_ids.tolist()):
-                self._record([], skipped=[(self.manifest.shards[sid].name, [q + j])])
+                self.record_delivered((), skipped=(SkippedRun(self.manifest.shards[sid].name, (q + j,)),))
 
     def state_dict(self) -> dict:
+        """The resume state: JSON-able, small (intervals, not positions); see docs/FORMAT.md."""
         rank, world = self._dist()
         return {
             "format": STATE_FORMAT,
@@ -165,6 +242,9 @@ class PairDataset(IterableDataset):
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume from `state` (a state_dict() or merge_states() result): the next iteration
+        yields exactly the positions of that epoch not yet delivered. StoreError if the state
+        belongs to another version, seed, shuffle setup or (unless merged) rank layout."""
         if state.get("format") != STATE_FORMAT:
             raise StoreError(f"unsupported PairDataset state format {state.get('format')!r} (expected {STATE_FORMAT})")
         mine = self.state_dict()
@@ -219,66 +299,105 @@ class PairDataset(IterableDataset):
                    skipped=skipped, base=remaining.to_list())
         return out
 
-    # -- planning ------------------------------------------------------------------------------
-    def _plan(self, num_workers: int) -> None:
-        """Fix this iteration's per-worker spans (virtual positions). Called in the main process
-        before workers are forked, so every worker sees the same plan."""
+    # -- loader protocol ------------------------------------------------------------------------
+    # PairLoader (or any driver that records delivery itself) uses these four methods: plan in the
+    # main process, iterate tagged samples in the workers, record each batch as it reaches the
+    # caller, and finish the pass. Plain iteration (__iter__) does all of it by itself.
+    def plan_workers(self, num_workers: int) -> None:
+        """Fix how this pass's remaining positions are split between `num_workers` DataLoader
+        workers. Call in the main process before the workers start, so every worker gets the same
+        plan. With the worker count of the saved plan, each worker keeps its span and the round
+        robin starts at the worker that was due next, so a resumed order equals the uninterrupted one."""
         self._freeze_dist()
         a, b = self._rank_range()
         if self._spans is not None and len(self._spans) == num_workers:
-            # Same worker count: keep each worker's original span and start the round robin at
-            # the worker that was due next, so the resumed order equals the uninterrupted one.
             k = self._next_worker % num_workers
             self._spans = self._spans[k:] + self._spans[:k]
         else:
             self._spans = split_by_count(self._consumed.subtract_from(a, b), num_workers)
         self._next_worker = 0
 
+    def iter_tagged(self) -> Iterator[TaggedSample]:
+        """This worker's share of the planned pass (all of it outside a DataLoader worker), in
+        position order, as TaggedSamples. Records nothing: the caller reports what it delivers
+        with record_delivered() and ends a complete pass with finish_pass()."""
+        worker, num_workers = _worker_slot()
+        if self._spans is None or len(self._spans) != num_workers:
+            # Not planned for this worker count (e.g. a plain DataLoader): every worker holds the
+            # same state, so each computes the same plan.
+            self.plan_workers(num_workers)
+        pending: list[SkippedRun] = []
+        for item in self._items(worker):
+            if isinstance(item, SkippedRun):
+                pending.append(item)
+                continue
+            if pending:
+                item = replace(item, skipped=tuple(pending))
+                pending = []
+            yield item
+
+    def record_delivered(self, positions: Iterable[int], worker: int | None = None, num_workers: int = 1,
+                         skipped: Iterable[SkippedRun] = ()) -> None:
+        """Record what reached the caller, so state_dict() resumes right after it.
+
+        Args:
+            positions: the virtual positions delivered (TaggedSample.position).
+            worker: the worker that produced the last of them: a resume with the same worker
+                count starts with the worker after it. None leaves the round robin as it is.
+            num_workers: the pass's number of workers.
+            skipped: runs skipped along the way (TaggedSample.skipped), counted in `skipped`.
+        """
+        self._consumed.add_positions(positions)
+        for run in skipped:
+            self._consumed.add_positions(run.positions)
+            self.skipped[run.shard] = self.skipped.get(run.shard, 0) + len(run.positions)
+        if worker is not None:
+            self._next_worker = (worker + 1) % max(1, num_workers)
+
+    def finish_pass(self, epoch: int) -> None:
+        """End a complete pass that began in epoch `epoch`: positions still unrecorded were
+        skipped by a worker with no later sample to report them on, so they are counted against
+        their shards; then the next epoch begins. Does nothing if the epoch has already moved on."""
+        if self.epoch == epoch:
+            self._account_unreported()
+        self._complete_epoch(epoch)
+
+    # -- iteration -----------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        """Samples of the rest of this epoch, as plain dicts. In the calling process the dataset
+        records each sample as it is yielded, so state_dict() between samples resumes exactly; in
+        a plain DataLoader's worker nothing is recorded (use PairLoader for resumable loading)."""
+        if get_worker_info() is not None:
+            for tagged in self.iter_tagged():
+                yield tagged.sample
+            return
+        self.plan_workers(1)
+        epoch = self.epoch
+        for item in self._items(0):
+            if isinstance(item, SkippedRun):
+                self.record_delivered((), skipped=(item,))
+                continue
+            self.record_delivered((item.position,))
+            yield item.sample
+        self._complete_epoch(epoch)
+
     def _worker_positions(self, worker: int) -> list[tuple[int, int]]:
         a, b = self._rank_range()
         remaining = IntervalSet(self._consumed.subtract_from(a, b))
         return remaining.intersect(self._spans[worker])
 
-    # -- iteration -----------------------------------------------------------------------------
-    def __iter__(self):
-        info = get_worker_info()
-        # direct: iterated by the user in this process, so we keep the resume state ourselves.
-        direct = info is None and not self._driven
-        if info is None:
-            worker, num_workers = 0, 1
-            if direct:
-                self._plan(1)
-        else:
-            worker, num_workers = info.id, info.num_workers
-            if self._spans is None or len(self._spans) != num_workers:
-                self._plan(num_workers)  # plain DataLoader: identical state in every worker -> same plan
-        epoch = self.epoch
-        order = EpochOrder([s.num_samples for s in self.manifest.shards], self.seed, epoch, self.shuffle, self.shuffle_block)
-        pending_skips: list = []
-        for item in self._stream(order, self._worker_positions(worker), self._base_obj()):
-            if item[0] == "skip":
-                _, shard, positions = item
-                if direct:
-                    self._record([], skipped=[(shard, positions)])
-                else:
-                    pending_skips.append((shard, positions))
-                continue
-            sample = item[1]
-            sample["_worker"] = worker
-            if pending_skips:
-                sample["_skipped"] = pending_skips
-                pending_skips = []
-            if direct:
-                self._record([sample["_position"]])
-            yield sample
-        if direct:
-            self._complete_epoch(epoch)
+    def _order(self, epoch: int) -> EpochOrder:
+        return EpochOrder([s.num_samples for s in self.manifest.shards], self.seed, epoch, self.shuffle, self.shuffle_block)
 
-    def _stream(self, order: EpochOrder, intervals, base: Base):
+    def _items(self, worker: int) -> Iterator[TaggedSample | SkippedRun]:
+        """Worker `worker`'s planned positions in order: its samples and what it had to skip."""
+        return self._stream(self._order(self.epoch), self._worker_positions(worker), self._base_obj(), worker)
+
+    def _stream(self, order: EpochOrder, intervals, base: Base, worker: int) -> Iterator[TaggedSample | SkippedRun]:
         """Items for `intervals` in position order. Byte ranges are fetched on background threads
         `read_ahead` chunks ahead; index parsing and decoding stay on this thread (pyarrow driven
         from pool threads can abort the interpreter at exit when an iterator is abandoned)."""
-        reader = _ChunkReader(self)
+        reader = _ChunkReader(self, worker)
         chunks = order.chunks(intervals, base)
         if self.read_ahead == 0:
             for q, p, n in chunks:
@@ -288,10 +407,10 @@ class PairDataset(IterableDataset):
         pool = ThreadPoolExecutor(max_workers=self.read_ahead, thread_name_prefix="pair-read-ahead")
         window: deque = deque()
 
-        def submit(plan: dict) -> list:
+        def submit(plan: _ChunkPlan) -> list:
             # One task per shard range, so the threads share even the first chunk's reads (a
             # shuffle block spans several shards) instead of one thread reading it alone.
-            return [pool.submit(reader.fetch_group, g) for g in plan["groups"]]
+            return [pool.submit(reader.fetch_read, r) for r in plan.reads]
 
         try:
             for q, p, n in chunks:
@@ -310,36 +429,67 @@ class PairDataset(IterableDataset):
             pool.shutdown(wait=False, cancel_futures=True)
 
     def stats(self) -> dict:
+        """Progress counters for logs: the epoch, positions consumed in it, skips per shard."""
         return {"epoch": self.epoch, "consumed": len(self._consumed), "skipped": dict(self.skipped)}
+
+
+def _worker_slot() -> tuple[int, int]:
+    """(worker id, number of workers) of the DataLoader worker we run in; (0, 1) outside one."""
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+@dataclass(frozen=True)
+class _ShardRead:
+    """What one chunk needs from one shard: the rows, where they go in the chunk, and the byte
+    range holding them, or the error that makes the shard unreadable."""
+
+    shard: ShardInfo
+    url: str
+    slots: tuple[int, ...]  # offsets in the chunk: the row rows[k] is position chunk.first + slots[k]
+    rows: tuple[int, ...]
+    sidx: ShardIndex | None = None
+    start: int = 0
+    end: int = 0
+    error: CorruptShardError | None = None
+
+
+@dataclass(frozen=True)
+class _ChunkPlan:
+    """The reads for virtual positions [first, first + count), one per shard they touch."""
+
+    first: int
+    count: int
+    reads: tuple[_ShardRead, ...]
 
 
 class _ChunkReader:
     """Reads one chunk of positions: one index load (cached) and one byte range per shard."""
 
-    def __init__(self, ds: PairDataset):
+    def __init__(self, ds: PairDataset, worker: int):
         self.ds = ds
+        self.worker = worker
         self.store = ds.store
         self.fields = ds.fields
-        self.members = array_members(ds.fields) + (["json"] if "json" in ds.fields else [])
-        self.members = self.members or ["json"]
+        self.members = fetched_members(ds.fields)
         self.decoder = Decoder(ds.manifest.schema)
         self.indexes: OrderedDict[str, ShardIndex] = OrderedDict()
         self.unreadable: set[str] = set()
 
-    def _index(self, shard) -> ShardIndex:
+    def _index(self, shard: ShardInfo) -> ShardIndex:
         sidx = self.indexes.get(shard.name)
         if sidx is not None:
             self.indexes.move_to_end(shard.name)
             return sidx
         url = self.store.shard_url(shard.name)
         try:
-            data = self.store.fs.cat_file(self.store._index_path(shard.name))
+            data = self.store.fs.cat_file(layout.index_path(self.store.root, shard.name))
         except FileNotFoundError:
             raise CorruptShardError(shard.name, url, "index file missing") from None
         if len(data) != shard.index_bytes or (self.ds.verify_hashes and xxhash.xxh3_64_hexdigest(data) != shard.index_xxh3):
             raise CorruptShardError(shard.name, url, "index does not match the manifest's size/xxh3")
         try:
-            sidx = ShardIndex.from_bytes(shard.name, data, f"{self.store.url}/index/{shard.name}.parquet")
+            sidx = ShardIndex.from_bytes(shard.name, data, layout.index_path(self.store.url, shard.name))
         except StoreError as exc:
             raise CorruptShardError(shard.name, url, str(exc)) from exc
         if len(sidx) != shard.num_samples:
@@ -349,18 +499,19 @@ class _ChunkReader:
             self.indexes.popitem(last=False)
         return sidx
 
-    def plan(self, order: EpochOrder, q: int, p: int, n: int) -> dict:
+    def plan(self, order: EpochOrder, q: int, p: int, n: int) -> _ChunkPlan:
         """Which rows of which shards positions [q, q+n) need, with each shard's index loaded."""
         L = order.list_indices(p, n)
         shard_ids, rows = order.locate(L)
         by_shard: dict[int, list[int]] = {}
         for j, s in enumerate(shard_ids.tolist()):
             by_shard.setdefault(s, []).append(j)
-        groups = []
+        reads = []
         for s, js in by_shard.items():
             shard = self.ds.manifest.shards[s]
             url = self.store.shard_url(shard.name)
-            shard_rows = [int(rows[j]) for j in js]
+            slots = tuple(js)
+            shard_rows = tuple(int(rows[j]) for j in js)
             try:
                 if shard.name in self.unreadable:
                     raise CorruptShardError(shard.name, url, "unreadable (see the first error)")
@@ -368,58 +519,53 @@ class _ChunkReader:
                 start, end = sidx.byte_range(shard_rows, self.members)
                 if end > shard.tar_bytes:
                     raise CorruptShardError(shard.name, url, "index points past the tar's end")
-                groups.append({"shard": shard, "url": url, "js": js, "rows": shard_rows, "sidx": sidx, "range": (start, end)})
+                reads.append(_ShardRead(shard, url, slots, shard_rows, sidx=sidx, start=start, end=end))
             except CorruptShardError as exc:
-                groups.append({"shard": shard, "url": url, "js": js, "rows": shard_rows, "error": exc})
-        return {"q": q, "n": n, "groups": groups}
+                reads.append(_ShardRead(shard, url, slots, shard_rows, error=exc))
+        return _ChunkPlan(q, n, tuple(reads))
 
-    def fetch(self, plan: dict) -> list:
-        """The planned byte ranges with their hash failures (or the error for each)."""
-        return [self.fetch_group(g) for g in plan["groups"]]
+    def fetch(self, plan: _ChunkPlan) -> list:
+        """fetch_read() for each of the plan's reads, on this thread."""
+        return [self.fetch_read(r) for r in plan.reads]
 
-    def fetch_group(self, group: dict):
+    def fetch_read(self, read: _ShardRead):
         """One shard's byte range and its hash failures, or the error; I/O and hashing only, safe
         on a pool thread, so both overlap the consumer's decoding."""
-        if "error" in group:
-            return group["error"]
+        if read.error is not None:
+            return read.error
         try:
-            start, end = group["range"]
-            name = group["shard"].name
-            buf = fetch_range(self.store.fs, self.store._tar_path(name), group["url"], name, start, end)
-            failed = hash_failures(buf, start, group["sidx"], group["rows"], self.members) if self.ds.verify_hashes else None
+            name = read.shard.name
+            path = layout.tar_path(self.store.root, name)
+            buf = fetch_range(self.store.fs, path, read.url, name, read.start, read.end)
+            failed = hash_failures(buf, read.start, read.sidx, read.rows, self.members) if self.ds.verify_hashes else None
             return buf, failed
         except CorruptShardError as exc:
             return exc
 
-    def finish(self, plan: dict, bufs: list) -> list:
-        """Items for the plan's positions: ("sample", dict) in position order, and ("skip", shard,
-        positions) for what could not be read when on_corrupt="skip"."""
-        q, n = plan["q"], plan["n"]
-        samples: list = [None] * n
-        skipped = []
+    def finish(self, plan: _ChunkPlan, fetched_reads: list) -> list[TaggedSample | SkippedRun]:
+        """The plan's items: a SkippedRun per shard for what could not be read (on_corrupt="skip"),
+        then the TaggedSamples in position order."""
+        q, n = plan.first, plan.count
+        samples: list[TaggedSample | None] = [None] * n
+        skipped: list[SkippedRun] = []
         skip = self.ds.on_corrupt == "skip"
-        for g, fetched in zip(plan["groups"], bufs, strict=True):
-            shard, js = g["shard"], g["js"]
+        for read, fetched in zip(plan.reads, fetched_reads, strict=True):
             bad: list | None = [] if skip else None
             try:
                 if isinstance(fetched, CorruptShardError):
                     raise fetched
                 buf, failed = fetched
-                got = decode_rows(buf, g["range"][0], g["sidx"], g["rows"], self.fields, self.decoder, g["url"],
-                                  failed, bad)
+                got = decode_rows(buf, read.start, read.sidx, read.rows, self.fields, self.decoder, read.url, failed, bad)
             except CorruptShardError:
                 # The shard cannot be read at all (missing, truncated, bad index): skip all of it.
                 if not skip:
                     raise
-                self.unreadable.add(shard.name)
-                skipped.append((shard.name, [q + j for j in js]))
+                self.unreadable.add(read.shard.name)
+                skipped.append(SkippedRun(read.shard.name, tuple(q + j for j in read.slots)))
                 continue
             if bad:  # individual samples failed their hashes: skip just those
-                skipped.append((shard.name, [q + js[k] for k, _ in bad]))
-            for j, sample in zip(js, got, strict=True):
+                skipped.append(SkippedRun(read.shard.name, tuple(q + read.slots[k] for k, _ in bad)))
+            for j, sample in zip(read.slots, got, strict=True):
                 if sample is not None:
-                    sample["_position"] = q + j
-                    samples[j] = sample
-        out: list = [("skip", name, pos) for name, pos in skipped]
-        out += [("sample", smp) for smp in samples if smp is not None]
-        return out
+                    samples[j] = TaggedSample(sample, q + j, self.worker)
+        return [*skipped, *(t for t in samples if t is not None)]

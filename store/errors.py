@@ -20,6 +20,13 @@ class CorruptShardError(StoreError):
     """A shard's tar or index is missing, truncated, or does not match its recorded hashes."""
 
     def __init__(self, shard: str, url: str, reason: str):
+        """The message names the shard, its tar's URL and the reason.
+
+        Args:
+            shard: the shard's name.
+            url: the URL of its tar, so the message says which file to look at.
+            reason: what is wrong, in words.
+        """
         self.shard = shard
         self.url = url
         self.reason = reason

@@ -11,33 +11,61 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import StoreError
-from .schema import Schema
+from .schema import INDEX, JSON, KEY, PROMPT, SEED, Schema
 
 FORMAT_VERSION = 1
 META_PREFIX = "d2g."
+# Per-sample columns ahead of the per-member ones, in file order.
+RECORD_COLUMNS = (KEY, INDEX, PROMPT, SEED)
 
 
 def members(schema: Schema) -> list[str]:
     """Tar members of each sample in write order: the json record first, then the arrays."""
-    return ["json", *schema.names]
+    return [JSON, *schema.names]
+
+
+def offset_column(member: str) -> str:
+    """The column holding the byte offset of `member`'s data in the tar: `{member}_offset`."""
+    return f"{member}_offset"
+
+
+def size_column(member: str) -> str:
+    """The column holding the size of `member`'s data in bytes: `{member}_size`."""
+    return f"{member}_size"
+
+
+def hash_column(member: str) -> str:
+    """The column holding the xxh3_64 of `member`'s data, 16 hex digits: `{member}_xxh3`."""
+    return f"{member}_xxh3"
+
+
+def empty_rows(schema: Schema) -> dict[str, list]:
+    """Column name -> empty list for every column of an index of `schema`, for build_table."""
+    rows: dict[str, list] = {c: [] for c in RECORD_COLUMNS}
+    for m in members(schema):
+        for col in (offset_column(m), size_column(m), hash_column(m)):
+            rows[col] = []
+    return rows
 
 
 def build_table(rows: dict[str, list], schema: Schema, shard: str, tar_bytes: int, tar_xxh3: str) -> pa.Table:
+    """The index table of one shard from its column lists (see empty_rows), with the shard-level
+    facts in the d2g key-value metadata."""
     cols: dict[str, pa.Array] = {
-        "key": pa.array(rows["key"], pa.string()),
-        "index": pa.array(rows["index"], pa.int64()),
-        "prompt": pa.array(rows["prompt"], pa.string()),
-        "seed": pa.array(rows["seed"], pa.int64()),
+        KEY: pa.array(rows[KEY], pa.string()),
+        INDEX: pa.array(rows[INDEX], pa.int64()),
+        PROMPT: pa.array(rows[PROMPT], pa.string()),
+        SEED: pa.array(rows[SEED], pa.int64()),
     }
     for m in members(schema):
-        cols[f"{m}_offset"] = pa.array(rows[f"{m}_offset"], pa.int64())
-        cols[f"{m}_size"] = pa.array(rows[f"{m}_size"], pa.int64())
-        cols[f"{m}_xxh3"] = pa.array(rows[f"{m}_xxh3"], pa.string())
+        cols[offset_column(m)] = pa.array(rows[offset_column(m)], pa.int64())
+        cols[size_column(m)] = pa.array(rows[size_column(m)], pa.int64())
+        cols[hash_column(m)] = pa.array(rows[hash_column(m)], pa.string())
     meta = {
         "format_version": str(FORMAT_VERSION),
         "shard": shard,
-        "num_samples": str(len(rows["key"])),
-        "first_index": str(rows["index"][0] if rows["index"] else 0),
+        "num_samples": str(len(rows[KEY])),
+        "first_index": str(rows[INDEX][0] if rows[INDEX] else 0),
         "tar_bytes": str(tar_bytes),
         "tar_xxh3": tar_xxh3,
         "schema": json.dumps(schema.to_dict(), sort_keys=True),
@@ -47,6 +75,7 @@ def build_table(rows: dict[str, list], schema: Schema, shard: str, tar_bytes: in
 
 
 def to_bytes(table: pa.Table) -> bytes:
+    """The Parquet bytes of an index table; fixed settings, so the same table gives the same bytes."""
     buf = io.BytesIO()
     pq.write_table(
         table,
@@ -62,7 +91,8 @@ def to_bytes(table: pa.Table) -> bytes:
 
 
 def read_meta(data: bytes, where: str) -> dict:
-    """The d2g key-value metadata of an index file (only the footer is parsed)."""
+    """The d2g key-value metadata of an index file, without the prefix (only the footer is
+    parsed); `where` names the file in errors. Refuses a newer format version."""
     try:
         md = pq.read_metadata(io.BytesIO(data)).metadata or {}
     except Exception as exc:  # pyarrow raises ArrowInvalid & co for truncated files
@@ -79,6 +109,7 @@ def read_meta(data: bytes, where: str) -> dict:
 
 
 def read_table(data: bytes, where: str) -> pa.Table:
+    """The whole index table from its file bytes; `where` names the file in errors."""
     try:
         # use_threads=False: pyarrow thread pools started from our reader threads can abort the
         # process at interpreter exit; index files are small, so one thread is plenty.

@@ -1,30 +1,69 @@
-"""PairLoader: a DataLoader that keeps the PairDataset's resume state in the main process."""
+"""PairLoader: a DataLoader that keeps the PairDataset's resume state in the main process.
+
+The workers iterate PairDataset.iter_tagged(), so every sample travels with its position; the
+collate function splits that bookkeeping off into a _BatchRecord beside the user's batch, and the
+main process records each batch in the dataset as it hands the batch to the caller.
+"""
 
 from __future__ import annotations
 
-from torch.utils.data import DataLoader
-from torch.utils.data._utils.collate import default_collate
+from collections.abc import Iterator
+from dataclasses import dataclass
 
-from .dataset import PairDataset
+from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data._utils.collate import default_collate, default_convert
+
+from .dataset import PairDataset, SkippedRun, TaggedSample
 from .errors import StoreError
 
-_BOOKKEEPING = ("_position", "_worker", "_skipped")
+
+@dataclass(frozen=True)
+class _BatchRecord:
+    """What one batch delivers, for PairDataset.record_delivered."""
+
+    positions: tuple[int, ...]
+    worker: int | None  # the worker of the batch's last sample
+    skipped: tuple[SkippedRun, ...]
 
 
 class _Collate:
-    """Pulls our bookkeeping keys out of each sample before the user's collate sees them."""
+    """Collates the samples of TaggedSamples with the user's function, and returns the batch with
+    its _BatchRecord. Runs in the workers, so the record crosses to the main process with the batch."""
 
-    def __init__(self, inner=None):
-        self.inner = inner or default_collate
+    def __init__(self, inner=None, batched: bool = True):
+        self.batched = batched
+        self.inner = inner or (default_collate if batched else default_convert)
 
-    def __call__(self, samples):
-        positions = [s.pop("_position") for s in samples]
-        workers = [s.pop("_worker", None) for s in samples]
-        skipped = []
-        for s in samples:
-            skipped.extend(s.pop("_skipped", ()))
-        meta = {"positions": positions, "worker": workers[-1] if workers else None, "skipped": skipped}
-        return self.inner(samples), meta
+    def __call__(self, items) -> tuple[object, _BatchRecord]:
+        tagged: list[TaggedSample] = list(items) if self.batched else [items]
+        record = _BatchRecord(
+            positions=tuple(t.position for t in tagged),
+            worker=tagged[-1].worker if tagged else None,
+            skipped=tuple(run for t in tagged for run in t.skipped),
+        )
+        samples = [t.sample for t in tagged]
+        return self.inner(samples if self.batched else samples[0]), record
+
+
+class _TaggedView(IterableDataset):
+    """The dataset PairLoader hands to DataLoader: the PairDataset's tagged samples. Other
+    attributes are read through to the PairDataset, so `loader.dataset.state_dict()` still works."""
+
+    def __init__(self, ds: PairDataset):
+        self.ds = ds
+
+    def __iter__(self) -> Iterator[TaggedSample]:
+        return self.ds.iter_tagged()
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getattr__(self, name: str):
+        # Only called for names not found normally; never for `ds` itself or dunders, which keeps
+        # unpickling (which looks up __setstate__ before `ds` exists) from recursing.
+        if name == "ds" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.ds, name)
 
 
 class PairLoader(DataLoader):
@@ -33,6 +72,19 @@ class PairLoader(DataLoader):
     dataset, so `dataset.state_dict()` taken between batches resumes exactly after them."""
 
     def __init__(self, dataset: PairDataset, batch_size: int | None = 1, num_workers: int = 0, collate_fn=None, **kwargs):
+        """Wrap `dataset`; nothing is read until iteration.
+
+        Args:
+            dataset: the PairDataset to load; it stays the owner of the resume state (also
+                available as `pair_dataset`; `dataset` is a view of it that yields tagged samples).
+            batch_size: samples per batch; None yields single samples (collated with
+                default_convert unless collate_fn is given).
+            num_workers: DataLoader worker processes; 0 reads in this process.
+            collate_fn: turns a list of sample dicts into a batch (default: torch's default_collate).
+            **kwargs: other DataLoader arguments (pin_memory, drop_last, multiprocessing_context,
+                ...). sampler, batch_sampler, shuffle and persistent_workers are refused: the
+                dataset shuffles and splits, and workers must get the resume state every epoch.
+        """
         if not isinstance(dataset, PairDataset):
             raise StoreError(f"PairLoader needs a store.PairDataset, got {type(dataset).__name__}")
         if kwargs.get("persistent_workers"):
@@ -43,22 +95,17 @@ class PairLoader(DataLoader):
         for bad in ("sampler", "batch_sampler", "shuffle"):
             if kwargs.get(bad):
                 raise StoreError(f"PairLoader: {bad}= is not supported; shuffling and splitting happen in PairDataset")
-        super().__init__(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_Collate(collate_fn), **kwargs)
+        self.pair_dataset = dataset
+        super().__init__(_TaggedView(dataset), batch_size=batch_size, num_workers=num_workers,
+                         collate_fn=_Collate(collate_fn, batched=batch_size is not None), **kwargs)
 
     def __iter__(self):
-        ds: PairDataset = self.dataset
+        """Batches of the rest of the dataset's epoch; a complete pass moves it to the next epoch."""
+        ds = self.pair_dataset
         workers = max(1, self.num_workers)
-        ds._plan(workers)
+        ds.plan_workers(workers)
         epoch = ds.epoch
-        # While we drive it, the dataset leaves all bookkeeping to us (it would otherwise end the
-        # epoch in-process before the last batch reached the caller when num_workers=0).
-        ds._driven = True
-        try:
-            for batch, meta in super().__iter__():
-                ds._record(meta["positions"], meta["worker"], workers, meta["skipped"])
-                yield batch
-        finally:
-            ds._driven = False
-        if ds.epoch == epoch:
-            ds._account_unreported()
-        ds._complete_epoch(epoch)
+        for batch, record in super().__iter__():
+            ds.record_delivered(record.positions, record.worker, workers, record.skipped)
+            yield batch
+        ds.finish_pass(epoch)

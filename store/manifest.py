@@ -14,6 +14,16 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class ShardInfo:
+    """One complete shard as a manifest lists it: enough to find and check both of its files.
+
+    Attributes:
+        name: the shard name (layout.tar_path / layout.index_path give its files).
+        num_samples: rows in its index.
+        first_index: the `index` of its first row.
+        tar_bytes, tar_xxh3: size and xxh3_64 (16 hex digits) of the whole tar.
+        index_bytes, index_xxh3: size and xxh3_64 of the whole index file.
+    """
+
     name: str
     num_samples: int
     first_index: int
@@ -23,10 +33,12 @@ class ShardInfo:
     index_xxh3: str
 
     def to_dict(self) -> dict:
+        """The JSON form of one entry of a manifest's `shards`."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> ShardInfo:
+        """The inverse of to_dict()."""
         return cls(
             name=str(d["name"]),
             num_samples=int(d["num_samples"]),
@@ -40,6 +52,19 @@ class ShardInfo:
 
 @dataclass(frozen=True)
 class Manifest:
+    """One committed version (docs/FORMAT.md, section 4).
+
+    Attributes:
+        version: its number, N in `versions/v{N:06d}.json`.
+        parent: the version it was committed on top of, or None for the first.
+        created: UTC commit time, ISO 8601 with a trailing Z.
+        toolkit_version: the d2g version that committed it.
+        fingerprint: a copy of the root's fingerprint.json.
+        schema: the array fields of every shard.
+        shards: the complete shard list, sorted by name.
+        extra: free-form JSON from the committer.
+    """
+
     version: int
     parent: int | None
     created: str
@@ -51,17 +76,21 @@ class Manifest:
 
     @property
     def num_pairs(self) -> int:
+        """Samples in the version: the sum of its shards' num_samples."""
         return sum(s.num_samples for s in self.shards)
 
     @property
     def bytes(self) -> int:
+        """Storage the version's files take: the sum of tar_bytes + index_bytes."""
         return sum(s.tar_bytes + s.index_bytes for s in self.shards)
 
     @property
     def num_shards(self) -> int:
+        """The number of shards in the version."""
         return len(self.shards)
 
     def to_dict(self) -> dict:
+        """The manifest's JSON form, with the format name and version and the derived totals."""
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -78,10 +107,13 @@ class Manifest:
         }
 
     def to_json(self) -> bytes:
+        """The bytes of the manifest file: to_dict() as indented JSON with sorted keys."""
         return (json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n").encode()
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> Manifest:
+        """Parse a manifest file; StoreError naming `where` if it is malformed or newer than this
+        toolkit supports."""
         try:
             d = json.loads(data)
         except ValueError as exc:

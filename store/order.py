@@ -15,7 +15,18 @@ import numpy as np
 
 
 class EpochOrder:
+    """The canonical order of one epoch: epoch position p -> L index -> (shard, row)."""
+
     def __init__(self, shard_counts: list[int], seed: int, epoch: int, shuffle: bool, block: int):
+        """Fix the shard permutation now; block permutations are drawn when first needed.
+
+        Args:
+            shard_counts: samples per shard, in manifest order.
+            seed: the shuffle seed.
+            epoch: the epoch whose order this is.
+            shuffle: permute shards and shuffle within blocks; False keeps manifest and row order.
+            block: the shuffle block size in positions.
+        """
         self.num_samples = int(sum(shard_counts))
         self.block = max(1, int(block))
         self.shuffle = shuffle
@@ -73,15 +84,18 @@ class Base:
     v means its (v mod size)-th element. A fresh epoch's base is all of [0, N)."""
 
     def __init__(self, intervals):
+        """`intervals`: sorted, disjoint [start, end) pairs of epoch positions (empty ones dropped)."""
         self.intervals = [(int(a), int(b)) for a, b in intervals if b > a]
         self.cum = np.concatenate([[0], np.cumsum([b - a for a, b in self.intervals])]).astype(np.int64)
 
     @classmethod
     def full(cls, n: int) -> Base:
+        """The base of a fresh epoch of `n` samples: all of [0, n)."""
         return cls([(0, n)])
 
     @property
     def size(self) -> int:
+        """The number of epoch positions in the base."""
         return int(self.cum[-1])
 
     def runs(self, a: int, b: int):
@@ -100,6 +114,7 @@ class Base:
             v += take
 
     def epoch_positions(self, virtual: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The epoch positions that virtual position intervals stand for, as sorted intervals."""
         out = IntervalSet()
         for a, b in virtual:
             for _, p, n in self.runs(a, b):
@@ -133,11 +148,13 @@ class IntervalSet:
     """A set of ints stored as sorted, disjoint, half-open intervals."""
 
     def __init__(self, intervals=()):
+        """A set holding the [start, end) `intervals` given (any order, may overlap)."""
         self._iv: list[list[int]] = []
         for a, b in intervals:
             self.add(int(a), int(b))
 
     def add(self, a: int, b: int) -> None:
+        """Add [a, b), merging with the intervals it touches."""
         if b <= a:
             return
         merged = []
@@ -158,6 +175,7 @@ class IntervalSet:
         self._iv = merged
 
     def add_positions(self, positions) -> None:
+        """Add single ints, grouping consecutive ones into intervals."""
         ps = sorted(set(int(p) for p in positions))
         i = 0
         while i < len(ps):
@@ -186,6 +204,7 @@ class IntervalSet:
         return out
 
     def intersect(self, intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The parts of `intervals` inside this set, as sorted intervals."""
         out = []
         for a, b in intervals:
             for s, e in self._iv:
@@ -198,4 +217,5 @@ class IntervalSet:
         return sum(e - s for s, e in self._iv)
 
     def to_list(self) -> list[list[int]]:
+        """The intervals as JSON-able [start, end) lists."""
         return [list(x) for x in self._iv]

@@ -1,29 +1,30 @@
-"""PairStore: one dataset root on any fsspec filesystem (layout in docs/FORMAT.md)."""
+"""PairStore: one dataset root on any fsspec filesystem (layout in store/layout.py and
+docs/FORMAT.md): fingerprint, shard writing, versions and random access."""
 
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import os
 import posixpath
-import re
 import threading
 from datetime import datetime, timezone
 
 import fsspec
 import xxhash
 
-from . import atomic, index
-from .errors import FingerprintMismatch, StoreError, VersionConflict
+from . import atomic, index, layout
+from .errors import CorruptShardError, FingerprintMismatch, StoreError, VersionConflict
 from .manifest import Manifest, ShardInfo, check_no_credentials, fingerprint_diff
-from .schema import Schema
+from .reading import ShardIndex, read_samples
+from .schema import META_FIELDS, PROMPT, SEED, SHARD, Schema
 from .url import filesystem, parse_url
-
-_VERSION_FILE = re.compile(r"^v(\d{6,})\.json$")
-_SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+from .writer import ShardDestination, ShardWriter
 
 
 def toolkit_version() -> str:
+    """The installed d2g version, recorded in each manifest ("unknown" when not installed)."""
     try:
         from importlib.metadata import version
 
@@ -33,9 +34,21 @@ def toolkit_version() -> str:
 
 
 class PairStore:
-    """A dataset root. Construction touches nothing on storage."""
+    """A dataset root. Construction touches nothing on storage.
+
+    Attributes:
+        url: the root URL as given, without a trailing '/' (used in messages and shard URLs).
+        root: the same root as a path on `fs`, without the protocol.
+    """
 
     def __init__(self, url: str, storage_options: dict | None = None):
+        """Name a root; nothing is read or written yet.
+
+        Args:
+            url: the dataset root: a path, `file://`, `s3://`, `memory://`... without `@vN` (pick
+                a version with the `version=` argument of manifest() and get()).
+            storage_options: passed to fsspec for this filesystem (endpoint, credentials...).
+        """
         root, version = parse_url(url)
         if version is not None:
             raise StoreError(f"PairStore takes a root URL without @v{version}; pass version= to manifest()/get()")
@@ -46,11 +59,12 @@ class PairStore:
         self._manifests: dict[int, Manifest] = {}
         self._committed_names: set[str] = set()
         self._committed_upto = 0
-        self._index_cache: dict[str, object] = {}
+        self._index_cache: dict[str, ShardIndex] = {}
         self._lock = threading.Lock()
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
+        """The filesystem holding the root (re-created after a fork)."""
         # Async filesystems (s3fs) are not fork-safe: a forked DataLoader worker gets its own.
         if os.getpid() != self._pid:
             self._fs, _ = filesystem(self.url, {**self._storage_options, "skip_instance_cache": True})
@@ -58,7 +72,8 @@ class PairStore:
         return self._fs
 
     def __getstate__(self) -> dict:
-        # Shipped to DataLoader workers: drop the lock and caches, keep the filesystem.
+        # Shipped to DataLoader workers: drop the lock and the index cache; keep the filesystem and
+        # the manifests (immutable, so no worker needs to read them again).
         state = dict(self.__dict__)
         state.pop("_lock")
         state["_index_cache"] = {}
@@ -71,43 +86,37 @@ class PairStore:
     def __repr__(self) -> str:
         return f"PairStore({self.url!r})"
 
-    # -- paths ------------------------------------------------------------------------------
-    def _p(self, *parts: str) -> str:
-        return posixpath.join(self.root, *parts)
-
-    def _tar_path(self, name: str) -> str:
-        return self._p("shards", f"{name}.tar")
-
-    def _index_path(self, name: str) -> str:
-        return self._p("index", f"{name}.parquet")
-
-    def _version_path(self, v: int) -> str:
-        return self._p("versions", f"v{v:06d}.json")
-
+    # -- names ------------------------------------------------------------------------------
     def shard_url(self, name: str) -> str:
-        return f"{self.url}/shards/{name}.tar"
+        """The URL of shard `name`'s tar (for messages and for plain tools such as webdataset)."""
+        return layout.tar_path(self.url, name)
 
     @staticmethod
     def shard_name(i: int) -> str:
-        return f"shard-{int(i):06d}"
+        """The name of shard number `i`, `shard-000012` (layout.shard_name)."""
+        return layout.shard_name(i)
 
     # -- fingerprint ------------------------------------------------------------------------
     def read_fingerprint(self) -> dict | None:
+        """The root's fingerprint.json, or None if no writer has created it yet."""
         try:
-            data = self.fs.cat_file(self._p("fingerprint.json"))
+            data = self.fs.cat_file(layout.fingerprint_path(self.root))
         except FileNotFoundError:
             return None
         try:
             return json.loads(data)
         except ValueError as exc:
-            raise StoreError(f"{self.url}/fingerprint.json is not valid JSON ({exc})") from exc
+            raise StoreError(f"{layout.fingerprint_path(self.url)} is not valid JSON ({exc})") from exc
 
     def ensure_fingerprint(self, fp: dict) -> None:
-        """Create the root's fingerprint on first use; afterwards insist on the same one."""
+        """Create the root's fingerprint on first use; afterwards insist on the same one.
+
+        Raises FingerprintMismatch listing every differing dotted path, and StoreError for keys
+        that look like credentials."""
         check_no_credentials(fp, f"fingerprint for {self.url}")
         data = (json.dumps(fp, indent=1, sort_keys=True) + "\n").encode()
         try:
-            atomic.create_exclusive(self.fs, self._p("fingerprint.json"), data)
+            atomic.create_exclusive(self.fs, layout.fingerprint_path(self.root), data)
             return
         except FileExistsError:
             pass
@@ -124,13 +133,15 @@ class PairStore:
     # -- shards -----------------------------------------------------------------------------
     def _read_index_bytes(self, name: str) -> bytes | None:
         try:
-            return self.fs.cat_file(self._index_path(name))
+            return self.fs.cat_file(layout.index_path(self.root, name))
         except FileNotFoundError:
             return None
 
     def _info_from_index(self, name: str, data: bytes, tar_size: int | None) -> tuple[ShardInfo, Schema] | None:
+        """The record and schema an index vouches for, or None unless it is readable and
+        `tar_size` is the size it recorded: a complete shard needs both files to agree."""
         try:
-            meta = index.read_meta(data, f"{self.url}/index/{name}.parquet")
+            meta = index.read_meta(data, layout.index_path(self.url, name))
         except StoreError:
             return None
         if tar_size is None or int(meta["tar_bytes"]) != tar_size:
@@ -148,7 +159,7 @@ class PairStore:
 
     def _tar_size(self, name: str) -> int | None:
         try:
-            return int(self.fs.info(self._tar_path(name))["size"])
+            return int(self.fs.info(layout.tar_path(self.root, name))["size"])
         except FileNotFoundError:
             return None
 
@@ -160,9 +171,8 @@ class PairStore:
         got = self._info_from_index(name, data, self._tar_size(name))
         return None if got is None else got[0]
 
-    def _list(self, sub: str) -> dict[str, int]:
-        """basename -> size for one directory, in one listing call."""
-        path = self._p(sub)
+    def _list(self, path: str) -> dict[str, int]:
+        """basename -> size for the files of one directory (a path on fs), in one listing call."""
         self.fs.invalidate_cache(path)
         try:
             entries = self.fs.ls(path, detail=True)
@@ -172,14 +182,16 @@ class PairStore:
 
     def complete_shards(self) -> dict[str, ShardInfo]:
         """Every complete shard on storage, committed or not (two listings plus the index files)."""
-        tars = {n[: -len(".tar")]: s for n, s in self._list("shards").items() if n.endswith(".tar") and not n.startswith(".")}
-        names = sorted(
-            n[: -len(".parquet")] for n in self._list("index") if n.endswith(".parquet") and not n.startswith(".")
-        )
-        names = [n for n in names if n in tars]
+        tars = {}
+        for file_name, size in self._list(layout.shards_dir(self.root)).items():
+            name = layout.shard_of_tar_file(file_name)
+            if name is not None:
+                tars[name] = size
+        indexed = (layout.shard_of_index_file(f) for f in self._list(layout.index_dir(self.root)))
+        names = sorted(n for n in indexed if n is not None and n in tars)
         if not names:
             return {}
-        paths = [self._index_path(n) for n in names]
+        paths = [layout.index_path(self.root, n) for n in names]
         blobs = self.fs.cat(paths, on_error="return")
         out: dict[str, ShardInfo] = {}
         for n, p in zip(names, paths, strict=True):
@@ -194,14 +206,16 @@ class PairStore:
     def _committed_shard_names(self) -> set[str]:
         # Manifests are immutable, so only versions newer than the last look need reading.
         with self._lock:
-            for v in self.versions():
+            versions = self.versions()
+            for v in versions:
                 if v > self._committed_upto:
                     self._committed_names.update(s.name for s in self.manifest(v).shards)
-            self._committed_upto = max([self._committed_upto, *self.versions()])
+            self._committed_upto = max([self._committed_upto, *versions])
             return set(self._committed_names)
 
-    def _prepare_shard_write(self, name: str) -> None:
-        if not isinstance(name, str) or not _SHARD_NAME.match(name):
+    def _claim_shard(self, name: str) -> None:
+        """The check a ShardWriter runs before writing shard `name` here (ShardDestination.prepare)."""
+        if not layout.is_valid_shard_name(name):
             raise StoreError(f"bad shard name {name!r}: letters, digits, '-' and '_' only")
         if name in self._committed_shard_names():
             raise StoreError(
@@ -209,32 +223,41 @@ class PairStore:
             )
         # Drop a stale index first: if we crash mid-write, the old index must not vouch for a new tar.
         try:
-            self.fs.rm_file(self._index_path(name))
+            self.fs.rm_file(layout.index_path(self.root, name))
         except FileNotFoundError:
             pass
         self._index_cache.pop(name, None)
 
-    def open_shard_writer(self, name: str, schema: Schema):
-        from .writer import ShardWriter
+    def open_shard_writer(self, name: str, schema: Schema) -> ShardWriter:
+        """A writer for shard `name`, used as `with store.open_shard_writer(name, schema) as w:`.
 
+        On entering the block the name is checked (StoreError if malformed or part of a committed
+        version) and any old index of that name is removed; on a clean exit the tar and then the
+        index are published and `w.info` holds the ShardInfo to commit.
+
+        Args:
+            name: the shard name, `[A-Za-z0-9][A-Za-z0-9_-]*` (usually layout.shard_name(i)).
+            schema: the array fields of every sample.
+        """
         if not isinstance(schema, Schema):
             raise StoreError(f"open_shard_writer({name!r}): schema must be a store.Schema, got {type(schema).__name__}")
-        return ShardWriter(self, name, schema)
+        destination = ShardDestination.in_root(self.fs, self.root, name, functools.partial(self._claim_shard, name))
+        return ShardWriter(destination, name, schema)
 
     # -- versions ---------------------------------------------------------------------------
     def versions(self) -> list[int]:
-        out = []
-        for n in self._list("versions"):
-            m = _VERSION_FILE.match(n)
-            if m:
-                out.append(int(m.group(1)))
-        return sorted(out)
+        """Every committed version, ascending (one listing of versions/)."""
+        found = (layout.version_of_manifest_file(f) for f in self._list(layout.versions_dir(self.root)))
+        return sorted(v for v in found if v is not None)
 
     def latest_version(self) -> int | None:
+        """The highest committed version, or None if nothing is committed."""
         vs = self.versions()
         return vs[-1] if vs else None
 
     def manifest(self, version: int | None = None) -> Manifest:
+        """The manifest of `version` (the latest when None); StoreError naming the versions that
+        exist if it does not. Manifests are immutable, so each is read once."""
         if version is None:
             version = self.latest_version()
             if version is None:
@@ -247,22 +270,29 @@ class PairStore:
         cached = self._manifests.get(version)
         if cached is not None:
             return cached
-        path = self._version_path(version)
         try:
-            data = self.fs.cat_file(path)
+            data = self.fs.cat_file(layout.manifest_path(self.root, version))
         except FileNotFoundError:
             existing = self.versions()
             listed = ", ".join(f"v{v}" for v in existing) or "none"
             raise StoreError(f"{self.url}@v{version}: no such version; existing versions: {listed}") from None
-        m = Manifest.from_json(data, f"{self.url}/versions/v{version:06d}.json")
+        where = layout.manifest_path(self.url, version)
+        m = Manifest.from_json(data, where)
         if m.version != version:
-            raise StoreError(f"{self.url}/versions/v{version:06d}.json says it is version {m.version}")
+            raise StoreError(f"{where} says it is version {m.version}")
         self._manifests[version] = m
         return m
 
     def commit(self, shards: list[ShardInfo], parent: int | None, extra: dict | None = None) -> Manifest:
         """Create version (parent or 0) + 1 listing exactly `shards`. Exclusive: a concurrent
-        committer of the same version gets VersionConflict and nothing is overwritten."""
+        committer of the same version gets VersionConflict and nothing is overwritten.
+
+        Args:
+            shards: the complete shard list of the new version (not a delta); shards not in
+                `parent` are checked against storage (index hash, tar size, schema).
+            parent: the version this one builds on, or None for the first version.
+            extra: free-form JSON stored in the manifest; keys that look like credentials are refused.
+        """
         if not shards:
             raise StoreError(f"{self.url}: nothing to commit (no shards)")
         names = [s.name for s in shards]
@@ -279,14 +309,16 @@ class PairStore:
         schema = parent_m.schema if parent_m else None
         new = [s for s in shards if known.get(s.name) != s]
         if new:
-            tars = self._list("shards")
-            paths = [self._index_path(s.name) for s in new]
+            tars = self._list(layout.shards_dir(self.root))
+            paths = [layout.index_path(self.root, s.name) for s in new]
             blobs = self.fs.cat(paths, on_error="return")
             for s, p in zip(new, paths, strict=True):
                 data = blobs.get(p)
                 if not isinstance(data, bytes):
-                    raise StoreError(f"cannot commit shard {s.name}: its index {self.url}/index/{s.name}.parquet is missing")
-                got = self._info_from_index(s.name, data, tars.get(f"{s.name}.tar"))
+                    raise StoreError(
+                        f"cannot commit shard {s.name}: its index {layout.index_path(self.url, s.name)} is missing"
+                    )
+                got = self._info_from_index(s.name, data, tars.get(layout.tar_file(s.name)))
                 if got is None:
                     raise StoreError(f"cannot commit shard {s.name}: incomplete (tar missing or not matching its index)")
                 info, sch = got
@@ -310,7 +342,7 @@ class PairStore:
             extra=extra,
         )
         try:
-            atomic.create_exclusive(self.fs, self._version_path(version), m.to_json())
+            atomic.create_exclusive(self.fs, layout.manifest_path(self.root, version), m.to_json())
         except FileExistsError:
             raise VersionConflict(
                 f"{self.url}: version v{version} was committed by another writer first; "
@@ -320,33 +352,37 @@ class PairStore:
         return m
 
     # -- random access ----------------------------------------------------------------------
-    def _shard_index(self, name: str, where_url: str | None = None):
-        """The decoded index of one shard (cached), as a ShardIndex."""
-        from .reading import ShardIndex
-
+    def shard_index(self, name: str) -> ShardIndex:
+        """The decoded index of shard `name` (cached); CorruptShardError if it is missing."""
         cached = self._index_cache.get(name)
         if cached is None:
             data = self._read_index_bytes(name)
             if data is None:
-                from .errors import CorruptShardError
-
                 raise CorruptShardError(name, self.shard_url(name), "index file missing")
-            cached = ShardIndex.from_bytes(name, data, f"{self.url}/index/{name}.parquet")
+            cached = ShardIndex.from_bytes(name, data, layout.index_path(self.url, name))
             if len(self._index_cache) > 64:
                 self._index_cache.pop(next(iter(self._index_cache)))
             self._index_cache[name] = cached
         return cached
 
     def get(self, index: int | None = None, key: str | None = None, version: int | None = None, fields=None) -> dict:
-        """One sample by global index or key, through the index offsets and byte-range reads."""
-        from .reading import read_samples
+        """One sample by global index or key, through the index offsets and byte-range reads.
 
+        Args:
+            index: the sample's global index (give exactly one of index and key).
+            key: the sample's key.
+            version: the version to look in; the latest when None.
+            fields: the fields to read (schema fields and/or "prompt", "seed", "json"); all array
+                fields plus prompt and seed when None.
+
+        Returns:
+            A dict of the fields (arrays as torch tensors in the stored dtype) plus "index", "key"
+            and "shard"; StoreError if no sample matches.
+        """
         if (index is None) == (key is None):
             raise StoreError("get() needs exactly one of index= or key=")
         m = self.manifest(version)
-        from .reading import META_FIELDS
-
-        fields = [*m.schema.names, "prompt", "seed"] if fields is None else list(fields)
+        fields = [*m.schema.names, PROMPT, SEED] if fields is None else list(fields)
         unknown = [f for f in fields if f not in m.schema.fields and f not in META_FIELDS]
         if unknown:
             raise StoreError(f"unknown field(s) {unknown}; this dataset has {m.schema.names} plus {list(META_FIELDS)}")
@@ -355,9 +391,10 @@ class PairStore:
             what = f"index {index}" if key is None else f"key {key!r}"
             raise StoreError(f"{self.url}@v{m.version}: no sample with {what}")
         shard, row = found
-        sidx = self._shard_index(shard.name)
-        [sample] = read_samples(self.fs, self._tar_path(shard.name), self.shard_url(shard.name), sidx, [row], fields, m.schema)
-        sample["shard"] = shard.name
+        sidx = self.shard_index(shard.name)
+        [sample] = read_samples(self.fs, layout.tar_path(self.root, shard.name), self.shard_url(shard.name), sidx, [row],
+                                fields, m.schema)
+        sample[SHARD] = shard.name
         return sample
 
     def _locate(self, m: Manifest, index: int | None, key: str | None) -> tuple[ShardInfo, int] | None:
@@ -368,16 +405,16 @@ class PairStore:
             i = bisect.bisect_right(starts, index) - 1
             order = ([shards[i]] if i >= 0 else []) + [s for j, s in enumerate(shards) if j != i]
             for s in order:
-                row = self._shard_index(s.name).row_of_index(index)
+                row = self.shard_index(s.name).row_of_index(index)
                 if row is not None:
                     return s, row
             return None
-        if key.isdigit():  # default keys are the zero-padded index
+        if key.isdigit():  # maybe a default key (layout.default_key): try its index first
             hit = self._locate(m, int(key), None)
-            if hit is not None and self._shard_index(hit[0].name).keys[hit[1]] == key:
+            if hit is not None and self.shard_index(hit[0].name).keys[hit[1]] == key:
                 return hit
         for s in shards:
-            row = self._shard_index(s.name).row_of_key(key)
+            row = self.shard_index(s.name).row_of_key(key)
             if row is not None:
                 return s, row
         return None

@@ -1,5 +1,5 @@
-"""Reading samples out of a shard through its index: one byte-range request per run of rows,
-per-member xxh3 checks, and zero-copy decoding of .npy payloads into torch tensors."""
+"""Reading samples out of a shard through its index: one byte-range request covering the rows
+wanted, per-member xxh3 checks, and zero-copy decoding of .npy payloads into torch tensors."""
 
 from __future__ import annotations
 
@@ -11,14 +11,12 @@ import xxhash
 
 from . import index as index_mod
 from .errors import CorruptShardError, StoreError
-from .schema import BF16, Schema, parse_npy_header
+from .schema import BF16, INDEX, JSON, KEY, META_FIELDS, PROMPT, SEED, Schema, parse_npy_header
 from .url import is_local
-
-# Fields that come from the index (or the json member) rather than from an .npy member.
-META_FIELDS = ("prompt", "seed", "json")
 
 
 def torch_dtype(name: str):
+    """The torch dtype of one of our dtype names (see schema.dtype_name)."""
     import torch  # lazily: the CLI and random-index lookups never need torch
 
     if name == BF16:
@@ -28,6 +26,15 @@ def torch_dtype(name: str):
 
 @dataclass
 class ShardIndex:
+    """One shard's index, decoded into columns, one entry per row (sample) in tar order.
+
+    Attributes:
+        name: the shard name.
+        keys, indices, prompts, seeds: each row's key, global index, prompt and seed.
+        offsets, sizes, hashes: member name (index.members) -> each row's data offset in the tar,
+            data size, and xxh3 hex digest of that member.
+    """
+
     name: str
     keys: list[str]
     indices: np.ndarray
@@ -41,6 +48,7 @@ class ShardIndex:
 
     @classmethod
     def from_bytes(cls, name: str, data: bytes, where: str) -> ShardIndex:
+        """Decode shard `name`'s index file bytes; `where` names the file in errors."""
         meta = index_mod.read_meta(data, where)
         schema = Schema.from_dict(json.loads(meta["schema"]))
         t = index_mod.read_table(data, where)
@@ -48,13 +56,13 @@ class ShardIndex:
             members = index_mod.members(schema)
             return cls(
                 name=name,
-                keys=t.column("key").to_pylist(),
-                indices=t.column("index").to_numpy(),
-                prompts=t.column("prompt").to_pylist(),
-                seeds=t.column("seed").to_numpy(),
-                offsets={m: t.column(f"{m}_offset").to_numpy() for m in members},
-                sizes={m: t.column(f"{m}_size").to_numpy() for m in members},
-                hashes={m: t.column(f"{m}_xxh3").to_pylist() for m in members},
+                keys=t.column(KEY).to_pylist(),
+                indices=t.column(INDEX).to_numpy(),
+                prompts=t.column(PROMPT).to_pylist(),
+                seeds=t.column(SEED).to_numpy(),
+                offsets={m: t.column(index_mod.offset_column(m)).to_numpy() for m in members},
+                sizes={m: t.column(index_mod.size_column(m)).to_numpy() for m in members},
+                hashes={m: t.column(index_mod.hash_column(m)).to_pylist() for m in members},
             )
         except KeyError as exc:
             raise StoreError(f"{where}: index lacks column {exc}") from exc
@@ -63,16 +71,19 @@ class ShardIndex:
         return len(self.keys)
 
     def row_of_index(self, idx: int) -> int | None:
+        """The row holding global index `idx`, or None."""
         if self._by_index is None:
             self._by_index = {int(v): i for i, v in enumerate(self.indices)}
         return self._by_index.get(int(idx))
 
     def row_of_key(self, key: str) -> int | None:
+        """The row holding sample key `key`, or None."""
         if self._by_key is None:
             self._by_key = {k: i for i, k in enumerate(self.keys)}
         return self._by_key.get(key)
 
     def byte_range(self, rows: list[int], members: list[str]) -> tuple[int, int]:
+        """The tar bytes [start, end) holding `members` of all `rows` (the rows between them too)."""
         lo, hi = min(rows), max(rows)
         start = min(int(self.offsets[m][lo]) for m in members)
         end = max(int(self.offsets[m][hi] + self.sizes[m][hi]) for m in members)
@@ -80,7 +91,16 @@ class ShardIndex:
 
 
 def array_members(fields: list[str]) -> list[str]:
+    """The .npy members among requested `fields` (the rest come from the index or the record)."""
     return [f for f in fields if f not in META_FIELDS]
+
+
+def fetched_members(fields: list[str]) -> list[str]:
+    """The tar members a read of `fields` fetches and checks: the arrays and, if asked for, the
+    json record. A read of index-only fields (prompt, seed) still fetches the json record, so every
+    sample read is checked against its hash and exists in the tar."""
+    members = array_members(fields) + ([JSON] if JSON in fields else [])
+    return members or [JSON]
 
 
 def fetch_range(fs, path: str, url: str, shard: str, start: int, end: int):
@@ -127,10 +147,13 @@ class Decoder:
     compares header bytes, which is all a fixed-shape field ever needs."""
 
     def __init__(self, schema: Schema):
+        """Decode the fields of `schema`."""
         self.schema = schema
         self._headers: dict[str, tuple] = {}
 
     def decode(self, fieldname: str, buf: bytearray, off: int, size: int, where: str):
+        """The tensor in `buf[off : off + size]` (an .npy blob of field `fieldname`), sharing the
+        buffer's memory; StoreError naming `where` if it does not match the schema."""
         import torch
 
         cached = self._headers.get(fieldname)
@@ -189,7 +212,7 @@ def decode_rows(
     CorruptShardError, or, when `bad` is a list, is appended to it as (position in rows, error)
     and comes back as None."""
     arrays = array_members(fields)
-    members = arrays + (["json"] if "json" in fields else [])
+    members = arrays + ([JSON] if JSON in fields else [])
     out: list[dict | None] = []
     mv = memoryview(buf)
     for j, r in enumerate(rows):
@@ -206,28 +229,29 @@ def decode_rows(
 
 
 def _decode_row(mv, buf, base, sidx, r, fields, members, decoder, url) -> dict:
-    sample: dict = {"index": int(sidx.indices[r]), "key": sidx.keys[r]}
+    sample: dict = {INDEX: int(sidx.indices[r]), KEY: sidx.keys[r]}
     for m in members:
         off = int(sidx.offsets[m][r]) - base
         size = int(sidx.sizes[m][r])
-        if m == "json":
-            sample["json"] = bytes(mv[off : off + size]).decode()
+        if m == JSON:
+            sample[JSON] = bytes(mv[off : off + size]).decode()
         else:
             try:
                 sample[m] = decoder.decode(m, buf, off, size, f"key {sidx.keys[r]!r}, field {m!r}")
             except StoreError as exc:
                 raise CorruptShardError(sidx.name, url, str(exc)) from exc
-    if "prompt" in fields:
-        sample["prompt"] = sidx.prompts[r]
-    if "seed" in fields:
-        sample["seed"] = int(sidx.seeds[r])
+    if PROMPT in fields:
+        sample[PROMPT] = sidx.prompts[r]
+    if SEED in fields:
+        sample[SEED] = int(sidx.seeds[r])
     return sample
 
 
 def read_samples(fs, path: str, url: str, sidx: ShardIndex, rows: list[int], fields: list[str], schema: Schema,
                  verify: bool = True, decoder: Decoder | None = None) -> list[dict]:
-    members = array_members(fields) + (["json"] if "json" in fields else [])
-    members = members or ["json"]
+    """Samples for `rows` of one shard in one byte-range read of the tar at `path` on `fs`;
+    CorruptShardError (naming `url`) if anything fails its checks."""
+    members = fetched_members(fields)
     start, end = sidx.byte_range(rows, members)
     buf = fetch_range(fs, path, url, sidx.name, start, end)
     failed = hash_failures(buf, start, sidx, rows, members) if verify else None

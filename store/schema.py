@@ -1,4 +1,5 @@
-"""The per-sample array schema: field name -> (dtype, shape), and .npy encode/decode.
+"""The pair schema: the field names every writer and reader of pairs agrees on, the per-sample
+array schema (field name -> dtype, shape) of one store, and .npy encode/decode.
 
 numpy has no bfloat16, so a bfloat16 field is stored as the raw 16-bit words in a '<u2' .npy and
 the schema records dtype "bfloat16"; readers reinterpret the bits (torch.bfloat16), nothing is
@@ -15,14 +16,44 @@ import numpy as np
 
 from .errors import StoreError
 
+# -- field names -----------------------------------------------------------------------------
+# Array fields: one `KEY.FIELD.npy` tar member each. A store holds the subset its Schema lists;
+# these are the ones pairgen writes (docs/FORMAT.md).
+NOISE = "noise"  # the exact tensor the teacher's solver started from
+LATENT = "latent"  # the teacher's output latent for that noise and prompt
+PROMPT_EMBEDS = "prompt_embeds"  # text-encoder token embeddings (optional)
+POOLED_PROMPT_EMBEDS = "pooled_prompt_embeds"  # pooled text embedding, SDXL-style teachers (optional)
+TRAJECTORY = "trajectory"  # intermediate ODE points, stacked on dim 0 (optional)
+
+# Record fields: in each sample's `KEY.json` member and, except `meta`, as index columns.
+KEY = "key"
+INDEX = "index"
+PROMPT = "prompt"
+SEED = "seed"
+META = "meta"  # optional free-form dict written with the sample
+JSON = "json"  # the raw JSON record: a tar member, and a field readers may ask for
+SHARD = "shard"  # added by PairStore.get() to name the shard a sample came from
+TRAJECTORY_TIMESTEPS = "trajectory_timesteps"  # key in META: the timestep of each TRAJECTORY point
+
+# Fields a reader can ask for that are not .npy members: they come from the index or the record.
+META_FIELDS = (PROMPT, SEED, JSON)
+
 BF16 = "bfloat16"
-# Names that would clash with index columns or webdataset's key splitting.
+# Lower-case and no dots: webdataset splits member names at the first dot.
 _FIELD_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-RESERVED_FIELDS = frozenset({"json", "key", "index", "prompt", "seed", "meta", "shard"})
+# Array fields may not take these names: they would clash with index columns or record keys.
+RESERVED_FIELDS = frozenset({JSON, KEY, INDEX, PROMPT, SEED, META, SHARD})
 
 
 @dataclass(frozen=True)
 class FieldSpec:
+    """The dtype and shape every sample's array of one field has.
+
+    Args:
+        dtype: numpy dtype name ("float32", "float16", ...) or "bfloat16".
+        shape: the array shape; None marks a dimension that may vary between samples.
+    """
+
     dtype: str
     shape: tuple[int | None, ...]
 
@@ -35,18 +66,28 @@ class FieldSpec:
                 raise StoreError(f"unknown dtype {self.dtype!r} in field spec") from exc
 
     def storage_dtype(self) -> np.dtype:
+        """The little-endian numpy dtype the bytes are stored in ('<u2' words for bfloat16)."""
         return np.dtype("<u2") if self.dtype == BF16 else np.dtype(self.dtype).newbyteorder("<")
 
     def to_dict(self) -> dict:
+        """The JSON form used in manifests and index metadata: {"dtype": ..., "shape": [...]}."""
         return {"dtype": self.dtype, "shape": list(self.shape)}
 
     @classmethod
     def from_dict(cls, d: dict) -> FieldSpec:
+        """The inverse of to_dict()."""
         return cls(dtype=str(d["dtype"]), shape=tuple(d["shape"]))
 
 
 @dataclass(frozen=True)
 class Schema:
+    """The array fields of one store, in the order their members are written for each sample.
+
+    Args:
+        fields: field name -> FieldSpec. Names are lower-case `[a-z][a-z0-9_]*` and not one of
+            RESERVED_FIELDS; at least one field is required.
+    """
+
     fields: dict[str, FieldSpec]
 
     def __post_init__(self) -> None:
@@ -64,13 +105,16 @@ class Schema:
 
     @property
     def names(self) -> list[str]:
+        """The field names, in schema order."""
         return list(self.fields)
 
     def to_dict(self) -> dict:
+        """The JSON form used in manifests and index metadata: {"fields": {name: spec, ...}}."""
         return {"fields": {k: v.to_dict() for k, v in self.fields.items()}}
 
     @classmethod
     def from_dict(cls, d: dict) -> Schema:
+        """The inverse of to_dict()."""
         return cls({k: FieldSpec.from_dict(v) for k, v in d["fields"].items()})
 
     @classmethod

@@ -10,6 +10,7 @@ END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
 
 
 def member_header(name: str, size: int) -> bytes:
+    """The header block(s) of a regular-file member `name` of `size` bytes, deterministic."""
     info = tarfile.TarInfo(name)
     info.size = size
     info.mtime = 0
@@ -23,4 +24,5 @@ def member_header(name: str, size: int) -> bytes:
 
 
 def padding(size: int) -> bytes:
+    """The zero bytes that pad `size` bytes of member data to a whole tar block."""
     return b"\0" * (-size % BLOCK)

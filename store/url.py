@@ -43,4 +43,5 @@ def filesystem(root: str, storage_options: dict | None = None) -> tuple[fsspec.A
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether `fs` is the local disk, where os-level calls (link, replace, readinto) apply."""
     return isinstance(fs, LocalFileSystem)

@@ -11,16 +11,25 @@ import numpy as np
 import xxhash
 
 from . import index as index_mod
+from . import layout
 from .errors import StoreError
 from .manifest import Manifest, ShardInfo
 from .pairstore import PairStore
-from .schema import Schema, parse_npy_header
+from .schema import INDEX, JSON, KEY, Schema, parse_npy_header
 
+# Tar bytes read per request while hashing.
 CHUNK = 8 << 20
 
 
 @dataclass(frozen=True)
 class Problem:
+    """What is wrong with one shard.
+
+    Attributes:
+        shard: the shard name.
+        reason: the first problem found, in words.
+    """
+
     shard: str
     reason: str
 
@@ -28,7 +37,10 @@ class Problem:
 def verify_version(
     st: PairStore, m: Manifest, deep: bool = False, jobs: int = 4, progress: Callable[[int], None] | None = None
 ) -> list[Problem]:
-    """All problems found in version `m`, at most one per shard (the first reason found).
+    """All problems found in version `m` of store `st`, at most one per shard (the first reason
+    found). Checks each index and tar against the manifest's sizes and hashes; `deep` also checks
+    every member's hash, every json record against its index row and every .npy header against
+    the schema. `jobs` tars are hashed in parallel; `progress(n)` is called with bytes read.
 
     Index files are parsed on this thread (pyarrow used from short-lived reader threads can abort
     the interpreter at exit); only tar hashing runs in parallel. Shards go in batches so memory
@@ -54,7 +66,7 @@ class _Bad(Exception):
 
 
 def _check_indexes(st: PairStore, schema: Schema, shards, deep: bool) -> list:
-    paths = [st._index_path(s.name) for s in shards]
+    paths = [layout.index_path(st.root, s.name) for s in shards]
     blobs = st.fs.cat(paths, on_error="return")
     out: list = []
     for s, p in zip(shards, paths, strict=True):
@@ -77,7 +89,7 @@ def _check_index(st: PairStore, schema: Schema, s: ShardInfo, data: bytes, deep:
         raise _Bad(f"index is {len(data)} bytes, manifest says {s.index_bytes}")
     if xxhash.xxh3_64_hexdigest(data) != s.index_xxh3:
         raise _Bad("index xxh3 does not match the manifest")
-    where = f"{st.url}/index/{s.name}.parquet"
+    where = layout.index_path(st.url, s.name)
     meta = index_mod.read_meta(data, where)
     if int(meta["tar_bytes"]) != s.tar_bytes or meta["tar_xxh3"] != s.tar_xxh3:
         raise _Bad("index metadata disagrees with the manifest about the tar")
@@ -101,7 +113,7 @@ def _check_tar(st: PairStore, s: ShardInfo, checker, tick) -> None:
     h = xxhash.xxh3_64()
     size = 0
     try:
-        with st.fs.open(st._tar_path(s.name), "rb", block_size=CHUNK) as f:
+        with st.fs.open(layout.tar_path(st.root, s.name), "rb", block_size=CHUNK) as f:
             while True:
                 chunk = f.read(CHUNK)
                 if not chunk:
@@ -127,19 +139,21 @@ class _DeepChecker:
     def __init__(self, schema: Schema, table):
         self.schema = schema
         cols = table.to_pydict()
-        self.keys = cols["key"]
-        self.indices = cols["index"]
-        members = index_mod.members(schema)
+        self.keys = cols[KEY]
+        self.indices = cols[INDEX]
+        members = {m: (cols[index_mod.offset_column(m)], cols[index_mod.size_column(m)], cols[index_mod.hash_column(m)])
+                   for m in index_mod.members(schema)}
         todo = []
         for r in range(table.num_rows):
-            for m in members:
-                todo.append((cols[f"{m}_offset"][r], cols[f"{m}_size"][r], cols[f"{m}_xxh3"][r], r, m))
+            for m, (offsets, sizes, digests) in members.items():
+                todo.append((offsets[r], sizes[r], digests[r], r, m))
         self.todo = sorted(todo)
         self.next = 0
         self.buf = bytearray()
         self.buf_start = 0
 
     def feed(self, pos: int, chunk: bytes) -> None:
+        """Check every member that ends inside the bytes seen so far; `chunk` starts at tar offset `pos`."""
         if not self.buf:
             self.buf_start = pos
         self.buf += chunk
@@ -158,6 +172,7 @@ class _DeepChecker:
         self.buf_start += drop
 
     def finish(self) -> None:
+        """Called at the end of the tar: a member not seen by now lies past its end."""
         if self.next < len(self.todo):
             _, _, _, r, m = self.todo[self.next]
             raise _Bad(f"member {self.keys[r]}.{m} lies past the end of the tar")
@@ -166,9 +181,9 @@ class _DeepChecker:
         where = f"member {self.keys[r]}.{m}"
         if xxhash.xxh3_64_hexdigest(blob) != digest:
             raise _Bad(f"{where}: xxh3 mismatch")
-        if m == "json":
+        if m == JSON:
             rec = json.loads(bytes(blob))
-            if rec.get("key") != self.keys[r] or rec.get("index") != self.indices[r]:
+            if rec.get(KEY) != self.keys[r] or rec.get(INDEX) != self.indices[r]:
                 raise _Bad(f"{where}: json record does not match the index row")
             return
         spec = self.schema.fields[m]

@@ -25,16 +25,37 @@ def _indices(loader) -> list[int]:
 
 
 def test_samples_decode_to_stored_dtypes(dataset_url):
-    ds = PairDataset(dataset_url + "@v1", fields=("noise", "latent", "prompt", "seed"), shuffle_block=4)
-    seen = {}
+    fields = ("noise", "latent", "prompt", "seed")
+    ds = PairDataset(dataset_url + "@v1", fields=fields, shuffle_block=4)
+    seen = []
     for s in ds:
+        assert set(s) == {*fields, "index", "key"}  # no bookkeeping keys in what the user sees
         ref = sample_arrays(s["index"])
         assert s["noise"].dtype == torch.float32 and s["latent"].dtype == torch.float16
         assert torch.equal(s["noise"], torch.from_numpy(ref["noise"]))
         assert s["prompt"] == f"prompt number {s['index']}" and s["seed"] == 7 * s["index"]
-        seen[s["_position"]] = s["index"]
-    assert sorted(seen) == list(range(N)) and sorted(seen.values()) == list(range(N))
+        seen.append(s["index"])
+    assert sorted(seen) == list(range(N))
     assert ds.epoch == 1 and ds.state_dict()["consumed"] == []
+    # The loader's view of the same pass: each sample tagged with its position, in order.
+    tagged = list(PairDataset(dataset_url + "@v1", fields=fields, shuffle_block=4).iter_tagged())
+    assert [t.position for t in tagged] == list(range(N)) and [t.sample["index"] for t in tagged] == seen
+    assert all(t.worker == 0 and t.skipped == () and set(t.sample) == {*fields, "index", "key"} for t in tagged)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_batches_hold_only_user_fields(dataset_url, workers):
+    ds = PairDataset(dataset_url, fields=("latent", "prompt"), shuffle_block=4)
+    batch = next(iter(PairLoader(ds, batch_size=3, num_workers=workers)))
+    assert set(batch) == {"latent", "prompt", "index", "key"} and batch["latent"].shape[0] == 3
+    custom = PairLoader(PairDataset(dataset_url, fields=("prompt",), shuffle_block=4), batch_size=4,
+                        num_workers=workers, collate_fn=lambda samples: [sorted(s) for s in samples])
+    got = [keys for batch in custom for keys in batch]
+    assert len(got) == N and all(keys == ["index", "key", "prompt"] for keys in got)
+    single = PairLoader(PairDataset(dataset_url, fields=("prompt",), shuffle=False), batch_size=None,
+                        num_workers=workers)
+    assert sorted(s["index"] for s in single) == list(range(N)) and single.pair_dataset.epoch == 1
+    assert single.dataset.state_dict()["epoch"] == 1  # `dataset` still answers as the PairDataset
 
 
 def test_order_is_deterministic_per_seed_and_epoch(dataset_url):
