@@ -16,15 +16,22 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from d2g.cli.ray_start import ensure_ray
+from d2g.teacher.loading import TeacherError, check_teacher
 from pairgen.config import GenerationConfig
 from pairgen.fingerprint import build_fingerprint
 from pairgen.plan import ShardTask, plan_shards
 from pairgen.prompts import PromptSource, load_prompts
-from store import PairStore, ShardInfo
+from store import PairStore, ShardInfo, StoreError
+from store.layout import shard_number
 
 # Test-only fault injection: the driver SIGKILLs itself after N shards finish in this run,
 # exactly as an operator's `kill -9` or a lost head node would.
 KILL_DRIVER_ENV = "D2G_FAULT_KILL_DRIVER_AFTER_SHARDS"
+
+
+# Errors that say something is wrong with the data, the store or the teacher, not with a node: a
+# retry would fail the same way (and could only produce a store with fewer pairs).
+PERMANENT_ERRORS = (StoreError, TeacherError)
 
 
 def _maybe_kill_driver(shards_finished: int) -> None:
@@ -157,9 +164,21 @@ class PairgenRun:
     def _commit(self, shards: dict[str, ShardInfo]) -> int:
         parent = self.store.latest_version()
         if parent is not None:
-            committed = {s.name for s in self.store.manifest(parent).shards}
+            previous = self.store.manifest(parent)
+            committed = {s.name for s in previous.shards}
             if committed == set(shards):
                 return parent
+            # A short last shard is replaced by its full version when a dataset grows, so coverage is
+            # by shard number, and the pair count may only grow.
+            covered = {shard_number(name) for name in shards}
+            missing = sorted(name for name in committed if shard_number(name) not in covered)
+            if missing or sum(s.num_samples for s in shards.values()) < previous.num_pairs:
+                # pairgen never deletes pairs: a trainer reading the bare URL must never get fewer.
+                raise RunError(
+                    f"refusing to commit a version of {self.config.out} without {len(missing)} shard(s) of "
+                    f"v{parent} ({', '.join(missing[:5]) or 'partly'}{', ...' if len(missing) > 5 else ''}); it "
+                    f"would hold {sum(s.num_samples for s in shards.values())} pairs instead of "
+                    f"{previous.num_pairs}. Run `store verify {self.config.out}` to see what is damaged.")
         manifest = self.store.commit(sorted(shards.values(), key=lambda s: s.name), parent=parent,
                                      extra={"pairgen": {"target_num_pairs": self.config.num_pairs,
                                                         "shard_size": self.config.shard_size,
@@ -167,6 +186,9 @@ class PairgenRun:
         return manifest.version
 
     def run(self) -> RunSummary:
+        # Everything a user can get wrong is checked here, before Ray starts and before the first
+        # byte is written to --out (the prompts were read in __init__).
+        check_teacher(self.config.teacher, self.config.revision)
         _validate_against_store(self.store, self.config, self.fingerprint)
         plan = plan_shards(self.config.num_pairs, self.config.shard_size)
         self.summary.num_shards = len(plan)
@@ -211,6 +233,10 @@ class PairgenRun:
                         pool.replace(slot)
                         continue
                     except ray.exceptions.RayTaskError as err:
+                        if isinstance(err.cause, PERMANENT_ERRORS):
+                            # Retrying cannot fix corruption, immutability, a fingerprint or a bad
+                            # teacher; the actor's own message is the one the user needs.
+                            raise RunError(f"shard {task.name}: {err.cause}") from err.cause
                         self._retry(task, pending, f"failed: {err.cause!r}" if err.cause else str(err))
                         continue
                     info = ShardInfo.from_dict(result["info"])
