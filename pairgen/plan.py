@@ -4,20 +4,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from store import layout
+from store import ShardInfo, layout
 
 
 @dataclass(frozen=True)
 class ShardTask:
+    """One shard to generate: samples [start, stop) under `name`, with their prompts.
+
+    `repair` is the manifest's record when the shard is committed but its files are damaged: the
+    worker then regenerates it beside them and replaces them only if the bytes come out identical.
+    """
+
     shard: int
     name: str
     start: int
     stop: int
     prompts: list[str] = field(default_factory=list, compare=False, repr=False)
     attempt: int = 0
+    repair: ShardInfo | None = None
 
     @property
     def size(self) -> int:
+        """Samples in the shard."""
         return self.stop - self.start
 
 

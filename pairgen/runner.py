@@ -8,7 +8,9 @@ Re-running the same command resumes: shards already complete on storage are skip
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shlex
 import signal
 import sys
 import time
@@ -40,12 +42,22 @@ def _maybe_kill_driver(shards_finished: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _repair_command() -> str:
+    """The command line that ran us plus --repair, when we run as the pairgen CLI."""
+    argv = sys.argv
+    if argv and os.path.basename(argv[0]) == "pairgen":
+        return shlex.join(["pairgen", *argv[1:], "--repair"])
+    return "pairgen run ... --repair (or GenerationConfig(repair=True))"
+
+
 class RunError(RuntimeError):
     """The run cannot start or cannot finish; the message says why and what was kept."""
 
 
 @dataclass
 class RunSummary:
+    """What a run did, for the CLI's summary line and `--json`."""
+
     out: str
     num_pairs: int = 0
     num_shards: int = 0
@@ -61,6 +73,7 @@ class RunSummary:
     empty_prompts_skipped: int = 0
     version: int | None = None
     workers: int = 0
+    shards_repaired: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         data = dict(self.__dict__)
@@ -152,21 +165,36 @@ class PairgenRun:
         self.summary = RunSummary(out=config.out, workers=config.workers,
                                   empty_prompts_skipped=self.prompts.empty_skipped)
 
-    def _tasks(self, complete: dict[str, ShardInfo]) -> tuple[list[ShardTask], list[ShardInfo]]:
+    def _tasks(self, complete: dict[str, ShardInfo], damaged: dict[str, ShardInfo]
+               ) -> tuple[list[ShardTask], list[ShardInfo]]:
         todo, done = [], []
         for shard, name, start, stop in plan_shards(self.config.num_pairs, self.config.shard_size):
-            if name in complete:
+            if name in damaged:
+                todo.append(ShardTask(shard, name, start, stop, self.prompts.prompts_for(start, stop),
+                                      repair=damaged[name]))
+            elif name in complete:
                 done.append(complete[name])
             else:
                 todo.append(ShardTask(shard, name, start, stop, self.prompts.prompts_for(start, stop)))
         return todo, done
 
-    def _commit(self, shards: dict[str, ShardInfo]) -> int:
+    def _damaged_committed_shards(self) -> dict[str, ShardInfo]:
+        """Committed shards whose files no longer match the manifest: refused unless --repair."""
+        damaged = self.store.damaged_shards()
+        if damaged and not self.config.repair:
+            listing = "; ".join(f"{info.name}: {reason}" for info, reason in damaged[:5])
+            raise RunError(
+                f"{len(damaged)} committed shard(s) of {self.config.out} are damaged ({listing}"
+                f"{'; ...' if len(damaged) > 5 else ''}). Nothing was written. Repair them with the same "
+                f"command plus --repair: {_repair_command()}")
+        return {info.name: info for info, _ in damaged}
+
+    def _commit(self, shards: dict[str, ShardInfo], repaired: list[str] | None = None) -> int:
         parent = self.store.latest_version()
         if parent is not None:
             previous = self.store.manifest(parent)
             committed = {s.name for s in previous.shards}
-            if committed == set(shards):
+            if committed == set(shards) and not repaired:
                 return parent
             # A short last shard is replaced by its full version when a dataset grows, so coverage is
             # by shard number, and the pair count may only grow.
@@ -182,7 +210,8 @@ class PairgenRun:
         manifest = self.store.commit(sorted(shards.values(), key=lambda s: s.name), parent=parent,
                                      extra={"pairgen": {"target_num_pairs": self.config.num_pairs,
                                                         "shard_size": self.config.shard_size,
-                                                        "complete": len(shards) == self.summary.num_shards}})
+                                                        "complete": len(shards) == self.summary.num_shards,
+                                                        **({"repaired": repaired} if repaired else {})}})
         return manifest.version
 
     def run(self) -> RunSummary:
@@ -193,7 +222,8 @@ class PairgenRun:
         plan = plan_shards(self.config.num_pairs, self.config.shard_size)
         self.summary.num_shards = len(plan)
         self.summary.num_pairs = self.config.num_pairs
-        todo, reused = self._tasks(self.store.complete_shards())
+        damaged = self._damaged_committed_shards()
+        todo, reused = self._tasks(self.store.complete_shards(), damaged)
         wanted = {name for _, name, _, _ in plan}
         done: dict[str, ShardInfo] = {s.name: s for s in reused if s.name in wanted}
         self.summary.shards_reused = len(done)
@@ -201,7 +231,8 @@ class PairgenRun:
         if todo:
             self._dispatch(todo, done)
         self.summary.seconds = time.perf_counter() - began
-        self.summary.version = self._commit(done)
+        self.summary.shards_repaired = sorted(damaged)
+        self.summary.version = self._commit(done, repaired=sorted(damaged))
         return self.summary
 
     def _dispatch(self, todo: list[ShardTask], done: dict[str, ShardInfo]) -> None:
@@ -272,7 +303,7 @@ class PairgenRun:
                            "Finished shards are kept; re-run the same command to continue.")
         self.summary.retries += 1
         self.log(f"pairgen: shard {task.name} {reason}; retrying (attempt {task.attempt + 2})")
-        pending.appendleft(ShardTask(task.shard, task.name, task.start, task.stop, task.prompts, task.attempt + 1))
+        pending.appendleft(dataclasses.replace(task, attempt=task.attempt + 1))
 
     def _requeue_actor_tasks(self, slot: int, inflight: dict, pending: deque, pool: _ActorPool) -> None:
         # The dead actor's queued shard would fail too; put it back without counting a retry.

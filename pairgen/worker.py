@@ -110,7 +110,9 @@ class ShardGenerator:
         began = time.perf_counter()
         truncated = self.solver.count_truncated(task.prompts)
         batch_size = self.config.batch_size
-        with self.store.open_shard_writer(task.name, self.schema) as writer:
+        opened = (self.store.repair_shard_writer(task.repair, self.schema) if task.repair is not None
+                  else self.store.open_shard_writer(task.name, self.schema))
+        with opened as writer:
             background = _BackgroundWriter(writer)
             try:
                 for batch_no, offset in enumerate(range(0, task.size, batch_size)):

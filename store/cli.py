@@ -84,6 +84,9 @@ def cmd_verify(args) -> int:
         status = "OK" if not problems else f"FAILED: {len(problems)} bad shard(s)"
         print(f"{st.url}@v{m.version}: {m.num_shards} shards, {m.num_pairs} pairs checked"
               f"{' (deep)' if args.deep else ''}: {status}")
+        if problems:
+            print("A pairgen dataset is repaired by re-running the pairgen command that made it with --repair: "
+                  "it regenerates exactly these shards, byte-identical, and commits a new version.")
     return 1 if problems else 0
 
 

@@ -4,11 +4,13 @@ docs/FORMAT.md): fingerprint, shard writing, versions and random access."""
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import json
 import os
 import posixpath
 import threading
+from collections.abc import Iterator
 from datetime import datetime, timezone
 
 import fsspec
@@ -243,6 +245,65 @@ class PairStore:
             raise StoreError(f"open_shard_writer({name!r}): schema must be a store.Schema, got {type(schema).__name__}")
         destination = ShardDestination.in_root(self.fs, self.root, name, functools.partial(self._claim_shard, name))
         return ShardWriter(destination, name, schema)
+
+    def damaged_shards(self, version: int | None = None) -> list[tuple[ShardInfo, str]]:
+        """The committed shards of a version (default: the latest) whose files no longer match its
+        manifest (missing, truncated, or an index with other contents), each with what is wrong.
+        Cheap: two listings and the index files; `verify --deep` also hashes every tar."""
+        if self.latest_version() is None:
+            return []
+        manifest = self.manifest(version)
+        complete = self.complete_shards()
+        damaged = []
+        for expected in manifest.shards:
+            found = complete.get(expected.name)
+            if found == expected:
+                continue
+            size = self._tar_size(expected.name)
+            if size is None:
+                reason = "its tar is missing"
+            elif self._read_index_bytes(expected.name) is None:
+                reason = "its index is missing"
+            elif size != expected.tar_bytes:
+                reason = f"its tar is {size} bytes, the manifest says {expected.tar_bytes}"
+            else:
+                reason = "its index differs from the one committed"
+            damaged.append((expected, reason))
+        return damaged
+
+    @contextlib.contextmanager
+    def repair_shard_writer(self, expected: ShardInfo, schema: Schema) -> Iterator[ShardWriter]:
+        """Rewrite a committed shard whose files are damaged, as `with store.repair_shard_writer(info,
+        schema) as w:`. The shard is written beside the damaged files and published over them only
+        if the result is byte-identical to what the manifest recorded (generation is deterministic),
+        so a repair can restore a committed shard but never change one: otherwise StoreError, and
+        nothing is replaced.
+
+        Args:
+            expected: the shard's record in the manifest.
+            schema: the array fields of every sample.
+        """
+        tar_path = layout.tar_path(self.root, expected.name)
+        index_path = layout.index_path(self.root, expected.name)
+        staged = ShardDestination(self.fs, layout.temp_path(tar_path), layout.temp_path(index_path))
+        writer = ShardWriter(staged, expected.name, schema)
+        try:
+            with writer:
+                yield writer
+            if writer.info != expected:
+                raise StoreError(
+                    f"repair of shard {expected.name} of {self.url} produced other bytes than the committed "
+                    f"shard (tar xxh3 {writer.info.tar_xxh3} vs {expected.tar_xxh3}): the settings or the "
+                    "teacher are not the ones it was made with; nothing was replaced")
+            self.fs.mv(staged.tar_path, tar_path)
+            self.fs.mv(staged.index_path, index_path)
+            self._index_cache.pop(expected.name, None)
+        finally:
+            for leftover in (staged.tar_path, staged.index_path):
+                try:
+                    self.fs.rm_file(leftover)
+                except FileNotFoundError:
+                    pass
 
     # -- versions ---------------------------------------------------------------------------
     def versions(self) -> list[int]:
