@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from d2g.cli.options import add_model_flags, flag_overrides, run_command
+from d2g.cli.options import add_model_flags, flag_overrides
+from d2g.cli.quiet import setup_cli_output
 from pairgen.config import ConfigError, GenerationConfig, load_config
+from store import console
 
 EXAMPLES = """examples:
   pairgen run                                   # the embedded shapes teacher, local Ray, ./pairs
@@ -19,6 +20,7 @@ EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `pairgen` argument parser: `run` (every GenerationConfig field is a flag) and `status`."""
     parser = argparse.ArgumentParser(
         prog="pairgen",
         description="Run a diffusion teacher's deterministic ODE solver (DDIM eta=0, DPM-Solver++, Euler) over "
@@ -33,14 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "(keys are the option names with underscores); flags override the file.")
     run.add_argument("--config", help="YAML file with any of the options below")
     add_model_flags(run, GenerationConfig)
-    run.add_argument("--json", action="store_true", help="print the final summary as JSON on stdout")
+    console.add_json_flag(run)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=_cmd_run)
 
     status = sub.add_parser("status", help="shards done and pending, pairs, last version of a dataset")
     status.add_argument("url", help="dataset root URL")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    console.add_json_flag(status)
     status.set_defaults(func=_cmd_status)
+    console.add_verbosity_flags(parser)
     return parser
 
 
@@ -61,7 +64,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config: GenerationConfig = load_config(args.config, flag_overrides(args, GenerationConfig))
     summary = PairgenRun(config, progress=not args.no_progress).run().as_dict()
     if args.json:
-        print(json.dumps(summary, indent=2))
+        console.print_json(summary)
     _print_summary(summary)
     return 0
 
@@ -71,7 +74,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     status = dataset_status(args.url)
     if args.json:
-        print(json.dumps(status, indent=2))
+        console.print_json(status)
     else:
         print(f"{args.url}: last version {status['last_version']}, {status['committed_pairs']} committed pairs "
               f"in {status['committed_shards']} shards")
@@ -81,13 +84,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `pairgen`; exit codes and output conventions as in store.console."""
     from d2g.teacher.loading import TeacherError
     from pairgen.prompts import PromptSourceError
     from pairgen.runner import RunError
     from store import StoreError
 
-    return run_command(build_parser(), argv, (ConfigError, PromptSourceError, TeacherError, StoreError, RunError),
-                       "interrupted; finished shards are kept, re-run the same command to continue")
+    return console.run_command(build_parser(), argv,
+                               (ConfigError, PromptSourceError, TeacherError, StoreError, RunError),
+                               "interrupted; finished shards are kept, re-run the same command to continue",
+                               setup=setup_cli_output)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,14 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from d2g.cli.quiet import worker_env
 from d2g.cli.ray_start import ensure_ray
 from d2g.teacher.loading import TeacherError, check_teacher
 from pairgen.config import GenerationConfig
 from pairgen.fingerprint import build_fingerprint
 from pairgen.plan import ShardTask, plan_shards
 from pairgen.prompts import PromptSource, load_prompts
-from store import PairStore, ShardInfo, StoreError
+from store import PairStore, ShardInfo, StoreError, absolute_url
 from store.layout import shard_number
 
 # Test-only fault injection: the driver SIGKILLs itself after N shards finish in this run,
@@ -110,10 +111,11 @@ class _ActorPool:
         self.depth = depth
         cpus, gpus = _actor_resources(ray, config)
         # D2G_FAULT_* variables (test-only fault injection) follow the driver into its actors.
-        faults = {k: v for k, v in os.environ.items() if k.startswith("D2G_FAULT_")}
+        # The driver's -v and test-only fault injection travel to the actors, on any cluster.
+        env = {**worker_env(), **{k: v for k, v in os.environ.items() if k.startswith("D2G_FAULT_")}}
         self._remote = ray.remote(ShardGenerator).options(
             num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0,
-            runtime_env={"env_vars": faults} if faults else None)
+            runtime_env={"env_vars": env})
         self.actors = [self._new() for _ in range(config.workers)]
         self.load = [0] * config.workers
         self.replaced = 0
@@ -156,6 +158,15 @@ def _validate_against_store(st: PairStore, config: GenerationConfig, fingerprint
 
 class PairgenRun:
     def __init__(self, config: GenerationConfig, progress: bool = True, log=None):
+        """Read the prompts and build the fingerprint; nothing is written and Ray is not started.
+
+        Args:
+            config: the run's settings; a relative local --out is made absolute here, because Ray
+                workers do not run in the user's working directory.
+            progress: show a progress bar on stderr.
+            log: where one-line notices go (default: stderr).
+        """
+        config = config.model_copy(update={"out": absolute_url(config.out)})
         self.config = config
         self.progress = progress
         self.log = log or (lambda msg: print(msg, file=sys.stderr))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from d2g.cli.quiet import quiet_third_party
 from d2g.teacher.loading import load_teacher
 from d2g.teacher.noise import batch_noise, sample_seed
 from d2g.teacher.solver import SolverSettings, TeacherSolver, to_numpy
@@ -83,6 +84,7 @@ class _BackgroundWriter:
 
 class ShardGenerator:
     def __init__(self, config: dict | GenerationConfig, threads: int | None = None):
+        quiet_third_party()
         self.config = config if isinstance(config, GenerationConfig) else GenerationConfig(**config)
         if threads:
             torch.set_num_threads(threads)

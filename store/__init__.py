@@ -27,17 +27,16 @@ from .schema import (
     FieldSpec,
     Schema,
 )
-from .url import parse_url
+from .url import absolute_url, parse_url
 from .writer import ShardDestination, ShardWriter
 
 __all__ = [
     "PairStore", "Schema", "FieldSpec", "ShardInfo", "Manifest", "PairDataset", "PairLoader",
     "ShardWriter", "ShardDestination", "TaggedSample", "SkippedRun",
-    "StoreError", "VersionConflict", "FingerprintMismatch", "CorruptShardError", "parse_url", "layout",
+    "StoreError", "VersionConflict", "FingerprintMismatch", "CorruptShardError", "parse_url", "absolute_url", "layout",
     "NOISE", "LATENT", "PROMPT_EMBEDS", "POOLED_PROMPT_EMBEDS", "TRAJECTORY",
     "KEY", "INDEX", "PROMPT", "SEED", "META", "JSON", "SHARD", "TRAJECTORY_TIMESTEPS", "META_FIELDS",
 ]
-
 
 
 def __getattr__(name: str):

@@ -1,4 +1,4 @@
-"""`store` command line: versions, info, verify, head. Errors print one line and exit 2."""
+"""`store` command line: versions, info, verify, head. Conventions (exit codes, --json, -v/-q): store.console."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from . import console
 from .errors import StoreError
 from .pairstore import PairStore
 from .schema import INDEX, KEY, PROMPT, SEED, SHARD
@@ -28,7 +29,7 @@ def cmd_versions(args) -> int:
     if not rows and not st.fs.exists(st.root):
         raise StoreError(f"{st.url}: no such dataset root")
     if args.json:
-        print(json.dumps(rows, indent=1))
+        console.print_json(rows)
     else:
         for r in rows:
             parent = "-" if r["parent"] is None else f"v{r['parent']}"
@@ -56,7 +57,7 @@ def cmd_info(args) -> int:
         "extra": m.extra,
     }
     if args.json:
-        print(json.dumps(info, indent=1))
+        console.print_json(info)
     else:
         for k, v in info.items():
             print(f"{k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
@@ -75,9 +76,9 @@ def cmd_verify(args) -> int:
     with tqdm(total=total, unit="B", unit_scale=True, file=sys.stderr, disable=None, desc="verify") as bar:
         problems = verify_version(st, m, deep=args.deep, jobs=args.jobs, progress=bar.update)
     if args.json:
-        print(json.dumps({"url": f"{st.url}@v{m.version}", "version": m.version, "deep": args.deep,
+        console.print_json({"url": f"{st.url}@v{m.version}", "version": m.version, "deep": args.deep,
                           "ok": not problems, "num_shards": m.num_shards, "num_pairs": m.num_pairs,
-                          "bad": [{"shard": p.shard, "reason": p.reason} for p in problems]}, indent=1))
+                          "bad": [{"shard": p.shard, "reason": p.reason} for p in problems]})
     else:
         for p in problems:
             print(f"BAD {p.shard}: {p.reason}")
@@ -103,48 +104,48 @@ def cmd_head(args) -> int:
             rows.append({INDEX: int(sidx.indices[r]), KEY: sidx.keys[r], SEED: int(sidx.seeds[r]),
                          PROMPT: sidx.prompts[r], SHARD: s.name})
     if args.json:
-        print(json.dumps(rows, indent=1, ensure_ascii=False))
+        console.print_json(rows)
     else:
         for r in rows:
             print(f"{r[INDEX]}\t{r[KEY]}\t{r[SHARD]}\tseed={r[SEED]}\t{r[PROMPT]}")
     return 0
 
 
+EXAMPLES = """examples:
+  store versions ./demo-out/pairs
+  store info ./demo-out/pairs@v1 --json
+  store verify ./demo-out/pairs --deep
+  store head ./demo-out/pairs -n 3
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The `store` argument parser: one subcommand per cmd_* function."""
-    p = argparse.ArgumentParser(prog="store", description="Inspect and verify d2g pair datasets (URL or URL@vN).")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    """The `store` argument parser (one subcommand per inspection)."""
+    p = argparse.ArgumentParser(prog="store", description="Inspect and verify d2g pair datasets (URL or URL@vN).",
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     for name, fn, helptext in (
         ("versions", cmd_versions, "list committed versions"),
         ("info", cmd_info, "summary of a version (latest by default)"),
         ("verify", cmd_verify, "check every shard of a version; exit 1 if anything is wrong"),
         ("head", cmd_head, "first samples of a version"),
     ):
-        sp = sub.add_parser(name, help=helptext)
+        sp = sub.add_parser(name, help=helptext, description=helptext)
         sp.add_argument("url", help="dataset root (path, file://, s3://, ...), optionally @vN")
-        sp.add_argument("--json", action="store_true", help="machine-readable output")
-        sp.set_defaults(fn=fn)
+        console.add_json_flag(sp)
+        sp.set_defaults(func=fn)
         if name == "verify":
             sp.add_argument("--deep", action="store_true", help="also decode every array and check per-sample hashes")
             sp.add_argument("--jobs", type=int, default=4, help="shards checked in parallel (default 4)")
         if name == "head":
             sp.add_argument("-n", type=int, default=5, help="number of samples (default 5)")
+    console.add_verbosity_flags(p)  # after the subcommands, so each gets them too
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the `store` command line; returns the exit status (2 with one line on stderr on error)."""
-    args = build_parser().parse_args(argv)
-    try:
-        return args.fn(args)
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:  # one clear line for humans and scripts, never a traceback
-        msg = str(exc) or type(exc).__name__
-        if not isinstance(exc, StoreError):
-            msg = f"{type(exc).__name__}: {msg}"
-        print(f"store: error: {msg}", file=sys.stderr)
-        return 2
+    """Run `store`; see store.console for exit codes. Any failure is one line (a traceback with -v)."""
+    return console.run_command(build_parser(), argv, (Exception,))
 
 
 if __name__ == "__main__":

@@ -126,11 +126,22 @@ class PairStore:
         # Compare through JSON so tuples vs lists and int keys do not count as differences.
         requested = json.loads(data)
         diffs = fingerprint_diff(stored, requested)
+        if diffs and self._holds_only_fingerprint():
+            # A run that failed before its first shard (a bad teacher, a typo) fixed nothing about
+            # the dataset: the corrected command may start it over with its own settings.
+            atomic.replace(self.fs, layout.fingerprint_path(self.root), data)
+            return
         if diffs:
             raise FingerprintMismatch(
                 f"{self.url} was generated with a different fingerprint; use a new root or the same settings. "
                 f"Differences: " + "; ".join(diffs)
             )
+
+    def _holds_only_fingerprint(self) -> bool:
+        """No version, no shard file (tar or index, finished or not): nothing but the fingerprint."""
+        if self.versions():
+            return False
+        return not self._list(layout.shards_dir(self.root)) and not self._list(layout.index_dir(self.root))
 
     # -- shards -----------------------------------------------------------------------------
     def _read_index_bytes(self, name: str) -> bytes | None:

@@ -45,3 +45,14 @@ def filesystem(root: str, storage_options: dict | None = None) -> tuple[fsspec.A
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     """Whether `fs` is the local disk, where os-level calls (link, replace, readinto) apply."""
     return isinstance(fs, LocalFileSystem)
+
+
+def absolute_url(url: str) -> str:
+    """A local path made absolute against this process's working directory (`~` expanded); any
+    URL with a scheme (s3://, file://, memory://) unchanged. Drivers call this before handing a
+    path to Ray workers, whose working directory is not the user's. A `@vN` suffix is kept."""
+    if not isinstance(url, str) or not url or "://" in url:
+        return url
+    import os
+
+    return os.path.abspath(os.path.expanduser(url))

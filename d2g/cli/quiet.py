@@ -44,3 +44,15 @@ def quiet_third_party(verbose: bool | None = None) -> None:
         transformers_logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+def setup_cli_output(verbose: bool) -> None:
+    """For a CLI's main: quiet libraries unless verbose, here and in every Ray worker it starts
+    (workers read D2G_VERBOSE, which local Ray workers inherit and cluster jobs get in runtime_env)."""
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
+    quiet_third_party(verbose)
+
+
+def worker_env() -> dict[str, str]:
+    """Environment variables a Ray actor or training worker needs to follow the driver's -v."""
+    return {VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "0")}

@@ -15,13 +15,21 @@ import os
 def ensure_ray(num_cpus: int | None = None):
     """The `ray` module, initialised: joined to RAY_ADDRESS if set, else a local Ray with
     `num_cpus` (default: all) CPUs and no dashboard. A Ray already initialised is used as it is."""
+    import logging
+
     import ray
+
+    from d2g.cli.quiet import VERBOSE_ENV
 
     if ray.is_initialized():
         return ray
+    # Ray's own start-up notices (token auth, "Started a local Ray instance") only with -v.
+    verbose = os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+    level = logging.INFO if verbose else logging.ERROR
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, logging_level=level)
     else:
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
+                 logging_level=level)
     return ray
