@@ -59,6 +59,7 @@ def _train_step_worker(teacher: str, loss: str, batch: int, repeats: int) -> dic
     import torch
 
     from d2g.teacher.loading import load_teacher
+    from distill.objective_config import D2GConfig
     from distill.objectives import make_objective
 
     pipe = load_teacher(teacher)
@@ -67,8 +68,8 @@ def _train_step_worker(teacher: str, loss: str, batch: int, repeats: int) -> dic
         kwargs["vae"] = pipe.vae
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        objective = make_objective("d2g", pipe, {"regression_loss": loss, "regression_kwargs": kwargs,
-                                                 "lambda_gan": 0.1, "r1_every": 1000})
+        objective = make_objective("d2g", pipe, D2GConfig(regression_loss=loss, regression_kwargs=kwargs,
+                                                          lambda_gan=0.1, r1_every=1000))
     g_opt = torch.optim.AdamW([p for p in objective.generator.parameters() if p.requires_grad], lr=1e-5)
     d_opt = torch.optim.AdamW([p for p in objective.discriminator.parameters() if p.requires_grad], lr=1e-5)
     gen = torch.Generator().manual_seed(0)
@@ -98,7 +99,8 @@ def _generation_worker(teacher: str, repeats: int, steps: int, guidance: float) 
 
     from d2g.teacher.loading import load_teacher
     from d2g.teacher.solver import SolverSettings, TeacherSolver
-    from distill.export import decode, student_latents
+    from d2g.teacher.vae import decode, to_unit_range
+    from distill.export import student_latents
 
     pipe = load_teacher(teacher)
     noise = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -114,9 +116,10 @@ def _generation_worker(teacher: str, repeats: int, steps: int, guidance: float) 
 
     with torch.no_grad():
         student = timed(lambda: student_latents(pipe, prompt, noise), repeats)
-        student_dec = timed(lambda: decode(pipe, student_latents(pipe, prompt, noise)), repeats)
+        student_dec = timed(lambda: to_unit_range(decode(pipe.vae, student_latents(pipe, prompt, noise))), repeats)
         teacher_lat = timed(lambda: solver.solve(prompt, noise), max(1, repeats // 3))
-        teacher_dec = timed(lambda: decode(pipe, solver.solve(prompt, noise)["latent"]), max(1, repeats // 3))
+        teacher_dec = timed(lambda: to_unit_range(decode(pipe.vae, solver.solve(prompt, noise)["latent"])),
+                            max(1, repeats // 3))
     return {"student_s": student, "student_decoded_s": student_dec, "teacher_s": teacher_lat,
             "teacher_decoded_s": teacher_dec}
 

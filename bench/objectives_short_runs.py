@@ -33,7 +33,8 @@ RUNS = {
 def main() -> None:
     from d2g.teacher.loading import load_teacher
     from d2g.testing import build_sd15, build_sdxl
-    from distill.objectives import ObjectiveConfig, make_objective
+    from distill.objective_config import parse_objective_config
+    from distill.objectives import make_objective
     from tests.helpers.objectives import make_pairs, mse_to_target, train
 
     parser = argparse.ArgumentParser()
@@ -51,7 +52,7 @@ def main() -> None:
         for run in args.runs:
             name, overrides = RUNS[run]
             torch.manual_seed(0)
-            obj = make_objective(name, pipe, ObjectiveConfig(**overrides))
+            obj = make_objective(name, pipe, parse_objective_config(name, overrides))
             curve = [(0, mse_to_target(obj, heldout))]
             timer = {"train": 0.0, "t0": time.perf_counter()}
 

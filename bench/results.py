@@ -101,11 +101,12 @@ def make_pairs(args, work: Path) -> str:
 
 def objective_config(args, objective: str, overrides: dict) -> dict:
     from distill.losses import latent_lpips_options
-    from distill.objectives import PRESETS
+    from distill.objective_config import OBJECTIVE_CONFIGS
 
+    preset = OBJECTIVE_CONFIGS[objective]()
     config = {**overrides, **args.objective_override}
-    loss = config.get("regression_loss", PRESETS[objective]["regression_loss"])
-    if loss in ("latent_lpips", "e_latent_lpips") and PRESETS[objective]["regression_weight"] > 0:
+    loss = config.get("regression_loss", preset.regression_loss)
+    if loss in ("latent_lpips", "e_latent_lpips") and preset.regression_weight > 0:
         config["regression_kwargs"] = latent_lpips_options(args.lpips_weights)
     if objective == "d2g" and args.lambda_gan is not None:
         config["lambda_gan"] = args.lambda_gan
@@ -130,7 +131,9 @@ def train_student(args, work: Path, name: str, pairs: str) -> tuple[str, dict]:
     summary = train(config)
     export_student(str(run), str(model))
     log(f"{name}: trained to step {summary['steps']} ({time.perf_counter() - began:.0f} s)")
-    return str(model), {"objective": objective, "objective_config": config.objective_config,
+    # The options the row set, not the preset's defaults: what RESULTS.json has always recorded.
+    objective_options = config.objective_config.model_dump(mode="json", exclude_unset=True)
+    return str(model), {"objective": objective, "objective_config": objective_options,
                         "lr_g": config.lr_g, "lr_d": config.lr_d, "train_seconds": summary.get("seconds"),
                         "steps": summary["steps"]}
 
@@ -148,14 +151,15 @@ def sampler_for(name: str, teacher, work: Path, quality: ShapesQuality):
     return student_sampler(student), student
 
 
+@torch.no_grad()
 def measure_latency(name: str, sampler, pipe, quality: ShapesQuality, repeats: int) -> dict:
-    from distill.export import decode
+    from d2g.teacher.vae import decode, to_unit_range
 
     prompt, noise = quality.prompts[:1], quality.noise[:1]
     # The 25-step teacher is slow; fewer repeats keep the table quick without changing the median much.
     n = max(3, repeats // 5) if name == TARGET_ROW else repeats
     to_latent = latency(lambda: sampler(prompt, noise), n)
-    decoded = latency(lambda: decode(pipe, sampler(prompt, noise)), n)
+    decoded = latency(lambda: to_unit_range(decode(pipe.vae, sampler(prompt, noise))), n)
     return {"latency_s": to_latent, "latency_decoded_s": decoded}
 
 

@@ -78,20 +78,21 @@ def comparison_grid(args, model_dir: str, report_dir: Path, count: int = 8) -> d
     from d2g.teacher.loading import load_teacher
     from d2g.teacher.noise import batch_noise
     from d2g.teacher.solver import SolverSettings, TeacherSolver
-    from distill.export import decode, load_student, student_latents
+    from d2g.teacher.vae import decode, latent_shape, to_unit_range
+    from distill.export import load_student, student_latents
     from distill.preview import grid_png
     from pairgen.prompts import load_prompts
 
     prompts = load_prompts(args.heldout_prompts).prompts_for(0, count)
     teacher = load_teacher(args.teacher)
     student = load_student(model_dir)
-    shape = (student.unet.config.in_channels, student.unet.config.sample_size, student.unet.config.sample_size)
+    shape = latent_shape(student)
     noise = batch_noise(args.eval_seed, list(range(count)), shape)
     rows = {}
     for name, steps in ((f"teacher_{args.teacher_steps}step", args.teacher_steps), ("teacher_1step", 1)):
         solver = TeacherSolver(teacher, SolverSettings(steps=steps, guidance=args.guidance))
-        rows[name] = decode(teacher, solver.solve(prompts, noise)["latent"])
-    rows["student_1step"] = decode(student, student_latents(student, prompts, noise))
+        rows[name] = to_unit_range(decode(teacher.vae, solver.solve(prompts, noise)["latent"]))
+    rows["student_1step"] = to_unit_range(decode(student.vae, student_latents(student, prompts, noise)))
     images = torch.cat(list(rows.values()))
     (report_dir / "grid.png").write_bytes(grid_png(images, columns=count))
     return {"rows": list(rows), "prompts": prompts}

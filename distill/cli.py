@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-# (module, description) pairs; a module that is missing is skipped so partial installs still run.
+# Modules with a `register(subparsers)`; a missing one is skipped so partial installs still run.
 SUBCOMMAND_MODULES = [
     "distill.commands",
     "distill.evaluate",
@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `distill` argument parser with every available subsystem's subcommands."""
     parser = argparse.ArgumentParser(
         prog="distill",
         description="Train one-step students from a pair store (Diffusion2GAN `d2g`, ADD `add`, or "
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `distill` with `argv` (default: sys.argv); expected errors print one line and return 2."""
     from d2g.cli.options import run_command
     from d2g.teacher.loading import TeacherError
     from distill.checkpoint import CheckpointError

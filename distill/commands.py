@@ -6,7 +6,7 @@ import json
 import sys
 
 from d2g.cli.options import add_model_flags, flag_overrides
-from distill.train_config import TrainConfig, TrainConfigError, load_train_config
+from distill.train_config import TrainConfig, load_train_config
 
 
 def _cmd_train(args) -> int:
@@ -37,22 +37,27 @@ def _cmd_generate(args) -> int:
     import torch
 
     from d2g.teacher.noise import sample_noise
-    from distill.export import decode, load_student, save_pngs, student_latents
+    from d2g.teacher.vae import decode, latent_shape, to_unit_range
+    from distill.export import load_student, save_pngs, student_latents
 
     pipe = load_student(args.model)
     prompts = args.prompt * args.num
-    shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    shape = latent_shape(pipe)
     noise = torch.stack([sample_noise(args.seed, i, shape) for i in range(len(prompts))])
-    paths = save_pngs(decode(pipe, student_latents(pipe, prompts, noise)), args.out)
+    with torch.no_grad():
+        images = to_unit_range(decode(pipe.vae, student_latents(pipe, prompts, noise)))
+    paths = save_pngs(images, args.out)
     print(json.dumps({"images": paths}) if args.json else "\n".join(paths))
     return 0
 
 
 def register(sub) -> None:
+    """Add the `train`, `export` and `generate` subcommands to `sub` (an argparse subparsers object)."""
     train = sub.add_parser("train", help="train a one-step student from a pair store",
                            description="Stream pairs from a store (local or s3://) and train a one-step student "
                            "with the chosen objective, on Ray Train (DDP) or in-process (--no-ray). Checkpoints go "
-                           "to --out; re-running resumes from the latest complete one.")
+                           "to --out; re-running resumes from the latest complete one.",
+                           epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--config", help="YAML file with any of the options below")
     add_model_flags(train, TrainConfig)
     train.add_argument("--no-ray", action="store_true", help="train in this process (debugging; same as --no-use-ray)")
@@ -77,5 +82,3 @@ def register(sub) -> None:
     gen.add_argument("--json", action="store_true")
     gen.set_defaults(func=_cmd_generate)
 
-
-ERRORS = (TrainConfigError,)

@@ -1,9 +1,11 @@
 """Text conditioning for the student, the discriminators and the frozen teacher, in one place.
 
 A batch either carries stored text embeddings (`prompt_embeds`, and for SDXL-type UNets
-`pooled_prompt_embeds`, optionally `add_time_ids`) or only the prompts; then the teacher's own
-`encode_prompt` runs (frozen, no grad), so the embeddings match what the teacher's pipeline
-would have used when it made the pairs.
+`pooled_prompt_embeds`: the fields pairgen writes with store_prompt_embeds) or only the prompts;
+then the teacher's own `encode_prompt` runs (frozen, no grad), so the embeddings match what the
+teacher's pipeline would have used when it made the pairs. SDXL's size/crop time ids are not
+stored: they are derived from the latent size as the pipeline derives them by default, which is
+how pairgen's solver called it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Conditioning:
     time_ids: torch.Tensor | None = None  # [B, 6] (SDXL-type UNets only)
 
     def unet_kwargs(self) -> dict:
+        """Keyword arguments of a UNet2DConditionModel call for this conditioning."""
         kwargs: dict = {"encoder_hidden_states": self.prompt_embeds}
         if self.pooled is not None:
             kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
@@ -41,6 +44,7 @@ class Conditioning:
         return self.prompt_embeds.mean(dim=1)
 
     def select(self, index: torch.Tensor | slice) -> Conditioning:
+        """The conditioning of the samples `index` selects."""
         return Conditioning(
             self.prompt_embeds[index],
             None if self.pooled is None else self.pooled[index],
@@ -48,6 +52,7 @@ class Conditioning:
         )
 
     def cat(self, other: Conditioning) -> Conditioning:
+        """This batch followed by `other`'s samples (in this conditioning's dtypes)."""
         def _cat(a, b):
             return None if a is None else torch.cat([a, b.to(a.dtype)], dim=0)
 
@@ -58,6 +63,7 @@ class Conditioning:
         )
 
     def to(self, dtype: torch.dtype) -> Conditioning:
+        """Every tensor in `dtype`."""
         def _to(x):
             return None if x is None else x.to(dtype)
 
@@ -70,7 +76,12 @@ def needs_pooled(unet) -> bool:
 
 
 class TextConditioner:
-    """Builds `Conditioning` for a batch from stored embeddings or by encoding prompts."""
+    """Builds `Conditioning` for a batch from stored embeddings or by encoding prompts.
+
+    Args:
+        pipe: the teacher pipeline (its UNet decides SD1.5- or SDXL-type conditioning; its text
+            encoders encode prompts).
+    """
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -81,9 +92,12 @@ class TextConditioner:
 
     @property
     def device(self) -> torch.device:
+        """The UNet's device, where conditioning tensors are put."""
         return next(self.unet.parameters()).device
 
     def __call__(self, batch: dict, latent_hw: tuple[int, int]) -> Conditioning:
+        """The conditioning of `batch` ('prompt_embeds' [+ 'pooled_prompt_embeds'], else 'prompt')
+        for latents of spatial size `latent_hw`; ConditioningError naming a missing or bad field."""
         size = len(batch["noise"]) if "noise" in batch else len(batch["latent"])
         if batch.get("prompt_embeds") is not None:
             cond = self._from_stored(batch, size)
@@ -94,7 +108,7 @@ class TextConditioner:
             if len(prompts) != size:
                 raise ConditioningError(f"batch field 'prompt' has {len(prompts)} prompts for {size} samples")
             cond = self.encode(list(prompts))
-        if self.sdxl and cond.time_ids is None:
+        if self.sdxl:
             cond.time_ids = self.time_ids(size, latent_hw, cond.prompt_embeds.dtype)
         return cond
 
@@ -108,12 +122,7 @@ class TextConditioner:
                 "teacher UNet takes pooled text embeddings (SDXL-type) but the batch has 'prompt_embeds' "
                 "without 'pooled_prompt_embeds'"
             )
-        time_ids = batch.get("add_time_ids")
-        return Conditioning(
-            embeds,
-            pooled.to(self.device) if (self.sdxl and pooled is not None) else None,
-            time_ids.to(self.device) if (self.sdxl and time_ids is not None) else None,
-        )
+        return Conditioning(embeds, pooled.to(self.device) if (self.sdxl and pooled is not None) else None)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Conditioning:

@@ -17,7 +17,8 @@ import torch
 
 from d2g.teacher.loading import load_teacher
 from d2g.teacher.solver import SolverSettings, TeacherSolver
-from distill.export import STUDENT_INFO, decode, load_student, student_latents
+from d2g.teacher.vae import decode, to_unit_range
+from distill.export import STUDENT_INFO, load_student, student_latents
 from store import PairDataset, PairLoader
 
 
@@ -44,6 +45,9 @@ def latency(fn, repeats: int) -> float:
 @torch.no_grad()
 def evaluate(model_dir: str, data_url: str, num: int = 64, batch_size: int = 16, teacher_steps: int = 25,
              lpips_weights: str | None = None, latency_repeats: int = 5) -> dict:
+    """The report of `distill eval` for the exported student in `model_dir` on up to `num`
+    held-out pairs of `data_url` (see the module docstring); `teacher_steps` sets the teacher's
+    latency baseline, `lpips_weights` adds LatentLPIPS distances, `latency_repeats` timed calls."""
     student = load_student(model_dir)
     info = json.loads((Path(model_dir) / STUDENT_INFO).read_text())
     teacher = load_teacher(info["teacher"], device="cpu")
@@ -84,7 +88,7 @@ def evaluate(model_dir: str, data_url: str, num: int = 64, batch_size: int = 16,
     teacher_multi = TeacherSolver(teacher, SolverSettings(scheduler="ddim", steps=teacher_steps, guidance=guidance))
     report["latency_student_s"] = latency(lambda: student_latents(student, prompt1, noise1), latency_repeats)
     report["latency_student_decoded_s"] = latency(
-        lambda: decode(student, student_latents(student, prompt1, noise1)), latency_repeats)
+        lambda: to_unit_range(decode(student.vae, student_latents(student, prompt1, noise1))), latency_repeats)
     report[f"latency_teacher_{teacher_steps}step_s"] = latency(
         lambda: teacher_multi.solve(prompt1, noise1), max(1, latency_repeats // 2))
     report["speedup_vs_teacher"] = report[f"latency_teacher_{teacher_steps}step_s"] / report["latency_student_s"]
@@ -92,6 +96,7 @@ def evaluate(model_dir: str, data_url: str, num: int = 64, batch_size: int = 16,
 
 
 def register(sub) -> None:
+    """Add the `eval` subcommand to `sub` (an argparse subparsers object)."""
     parser = sub.add_parser("eval", help="distance to the teacher's targets and latency on held-out pairs")
     parser.add_argument("--model", required=True, help="exported student folder (distill export)")
     parser.add_argument("--data", required=True, help="held-out pair store URL[@vN] (not the training pairs)")

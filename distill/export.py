@@ -4,12 +4,14 @@ The folder is the teacher's pipeline (VAE, text encoders, tokenizers) with the s
 a DDIM scheduler set so that `num_inference_steps=1` reproduces the student exactly: trailing
 spacing evaluates t=T-1, and set_alpha_to_one=True makes the single DDIM step return the
 predicted clean latent. Load it with `DiffusionPipeline.from_pretrained(DIR)` and call it with
-`num_inference_steps=1, guidance_scale=0`.
+`num_inference_steps=1, guidance_scale=0`. Images come from d2g.teacher.vae (`decode`, then
+`to_unit_range` for PNGs), as for the teacher.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -23,6 +25,8 @@ STUDENT_INFO = "d2g_student.json"
 
 
 def one_step_scheduler(teacher_scheduler_config: dict):
+    """A DDIMScheduler with the teacher's schedule whose single step evaluates t=T-1 and returns
+    the predicted clean latent (what the student was trained to output)."""
     from diffusers import DDIMScheduler
 
     kwargs = solver_kwargs("ddim", dict(teacher_scheduler_config), "trailing")
@@ -39,6 +43,9 @@ def _student_unet_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def export_student(run_url: str, out_dir: str, step: int | None = None, use_ema: bool = True) -> Path:
+    """Write the student of run `run_url` (checkpoint `step`, default the latest; its EMA weights
+    when `use_ema` and saved) as a diffusers pipeline folder `out_dir`, with STUDENT_INFO beside it.
+    Returns the folder; CheckpointError if there is no such complete checkpoint."""
     checkpoints = CheckpointStore(run_url)
     step = step if step is not None else checkpoints.latest()
     if step is None:
@@ -53,26 +60,23 @@ def export_student(run_url: str, out_dir: str, step: int | None = None, use_ema:
     pipe.save_pretrained(out)
     info = {"run": run_url, "step": step, "weights": source, "teacher": config.teacher,
             "objective": config.objective, "num_inference_steps": 1, "guidance_scale": 0.0,
-            "student_steps": config.objective_config.get("student_steps", 1)}
+            "student_steps": config.objective_config.student_steps}
     (out / STUDENT_INFO).write_text(json.dumps(info, indent=2))
     return out
 
 
-def load_student(model_dir: str):
-    """The exported pipeline, frozen, progress bars off."""
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(model_dir)
-    pipe.set_progress_bar_config(disable=True)
-    for module in pipe.components.values():
-        if isinstance(module, torch.nn.Module):
-            module.eval().requires_grad_(False)
-    return pipe
+def load_student(model_dir: str, device: str = "cpu"):
+    """The exported pipeline, loaded like a teacher (d2g.teacher.loading: frozen, progress bars
+    off; TeacherError naming the folder if it is not a pipeline), on `device`."""
+    # An absolute path: a local folder named like a built-in teacher alias ("shapes") must not
+    # load that teacher instead.
+    return load_teacher(os.path.abspath(model_dir) if os.path.isdir(model_dir) else model_dir, device=device)
 
 
 @torch.no_grad()
 def student_latents(pipe, prompts: list[str], noise: torch.Tensor) -> torch.Tensor:
-    """Prompt to latent in one UNet evaluation, with d2g's own generator code (not the pipeline)."""
+    """Prompt to latent in one UNet evaluation, with d2g's own generator code (not the pipeline):
+    `prompts` (one per sample) and `noise` [B, C, h, w] to latents [B, C, h, w]."""
     from distill.conditioning import TextConditioner
     from distill.generator import NoiseSchedule
 
@@ -83,14 +87,8 @@ def student_latents(pipe, prompts: list[str], noise: torch.Tensor) -> torch.Tens
     return schedule.to_x0(pred, noise, t)
 
 
-@torch.no_grad()
-def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """Latents to images in [0, 1], [B, 3, H, W]."""
-    images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
-    return (images / 2 + 0.5).clamp(0, 1)
-
-
 def save_pngs(images: torch.Tensor, folder: str, stem: str = "image") -> list[str]:
+    """Images [N, 3, H, W] in [0, 1] as FOLDER/STEM-000.png...; returns the paths."""
     from PIL import Image
 
     Path(folder).mkdir(parents=True, exist_ok=True)

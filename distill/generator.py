@@ -19,7 +19,12 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 class NoiseSchedule(nn.Module):
-    """The teacher's discrete VP schedule: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, a_t = alphas_cumprod[t]."""
+    """The teacher's discrete VP schedule: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, a_t = alphas_cumprod[t].
+
+    Args:
+        scheduler: the teacher's diffusers scheduler (DDPM/DDIM/Euler-type, with alphas_cumprod);
+            ValueError otherwise or for an unknown prediction_type.
+    """
 
     def __init__(self, scheduler):
         super().__init__()
@@ -39,11 +44,13 @@ class NoiseSchedule(nn.Module):
         self.register_buffer("alphas_cumprod", alphas.float(), persistent=False)
 
     def coefficients(self, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(a_t), sqrt(1 - a_t)) per sample, float32, shaped to broadcast against `like`."""
         a = self.alphas_cumprod.to(like.device)[timesteps.long()].float()
         shape = (-1,) + (1,) * (like.ndim - 1)
         return a.sqrt().view(shape), (1 - a).sqrt().view(shape)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t from clean latents, noise and per-sample timesteps (in x0's dtype)."""
         alpha, sigma = self.coefficients(timesteps, x0)
         return (alpha * x0.float() + sigma * noise.float()).to(x0.dtype)
 
@@ -66,7 +73,13 @@ class NoiseSchedule(nn.Module):
 
 
 class OneStepGenerator(nn.Module):
-    """Student G(x_t, t, c) -> x0. One step from pure noise at t = T-1 by default."""
+    """Student G(x_t, t, c) -> x0. One step from pure noise at t = T-1 by default.
+
+    Args:
+        teacher_unet: the teacher's UNet; copied (float32, trainable), not modified.
+        scheduler: the teacher's scheduler, for its NoiseSchedule and parameterisation.
+        gradient_checkpointing: recompute the copy's activations in backward.
+    """
 
     def __init__(self, teacher_unet: nn.Module, scheduler, gradient_checkpointing: bool = False):
         super().__init__()
@@ -77,6 +90,7 @@ class OneStepGenerator(nn.Module):
 
     @property
     def last_timestep(self) -> int:
+        """T-1: the timestep a one-step student denoises pure noise at."""
         return self.schedule.num_train_timesteps - 1
 
     def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor | None, cond: Conditioning) -> torch.Tensor:

@@ -16,7 +16,10 @@ from torch import nn
 
 
 class MSELoss(nn.Module):
+    """Mean squared error per sample."""
+
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss [B] of latents [B, ...]."""
         return ((pred - target) ** 2).mean(dim=tuple(range(1, pred.ndim)))
 
 
@@ -33,6 +36,7 @@ class PseudoHuberLoss(nn.Module):
         self.c = c
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss [B] of latents [B, C, H, W]."""
         c = self.c if self.c is not None else 0.00054 * math.sqrt(pred[0].numel())
         sq = ((pred - target) ** 2).flatten(1).sum(dim=1)
         return torch.sqrt(sq + c * c) - c
@@ -47,11 +51,13 @@ class FrozenPerceptualLoss(nn.Module):
         self.net = net.eval().requires_grad_(False)
 
     def train(self, mode: bool = True) -> FrozenPerceptualLoss:
+        """Set this wrapper's mode; the wrapped network stays in eval mode."""
         super().train(mode)
         self.net.eval()
         return self
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The network's per-sample distance [B]; differentiable in `pred`."""
         return self.net(pred, target)
 
 
@@ -78,7 +84,7 @@ def _latent_lpips(ensemble: bool) -> Callable[..., nn.Module]:
             kwargs.pop("augment", None)
         if weights is not None:
             path = PACKAGED_LPIPS.get(str(weights), Path(weights))
-            # Our safetensors, or an official tuned .pth file.
+            # Our own files are safetensors; an official tuned .pth needs from_official's key mapping.
             net = (
                 load_lpips(path, ensemble, **kwargs)
                 if path.suffix == ".safetensors"

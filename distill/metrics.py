@@ -14,7 +14,12 @@ import fsspec
 class MetricsWriter:
     """Lines accumulate in memory and are written at `flush()` (each checkpoint): local runs append
     to RUN/metrics.jsonl; object stores get the whole file rewritten (no appends on S3).
-    TensorBoard events go to RUN/tensorboard when RUN is local, else to a local temp folder."""
+    TensorBoard events go to RUN/tensorboard when RUN is local, else to a local temp folder.
+
+    Args:
+        run_url: the run folder URL (local or any fsspec URL).
+        enabled: False (ranks other than 0) makes logging and flushing no-ops; reading still works.
+    """
 
     def __init__(self, run_url: str, enabled: bool = True):
         self.enabled = enabled
@@ -42,6 +47,7 @@ class MetricsWriter:
         return self._tb
 
     def log(self, step: int, values: dict) -> None:
+        """Queue one JSON line {step, time, **values}; numeric values also go to TensorBoard."""
         if not self.enabled:
             return
         self.pending.append(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
@@ -54,13 +60,16 @@ class MetricsWriter:
             pass
 
     def write_json(self, name: str, data: dict) -> None:
+        """Write RUN/`name` as indented JSON."""
         with self.fs.open(posixpath.join(self.root, name), "w") as f:
             json.dump(data, f, indent=2)
 
     def read_json(self, name: str) -> dict:
+        """Read RUN/`name` as JSON."""
         return json.loads(self.fs.cat_file(posixpath.join(self.root, name)))
 
     def flush(self) -> None:
+        """Write the queued lines to RUN/metrics.jsonl (and flush TensorBoard)."""
         if not self.enabled or not self.pending:
             return
         if self.local:

@@ -12,6 +12,7 @@ import fsspec
 import torch
 
 from d2g.teacher.noise import sample_noise
+from d2g.teacher.vae import decode, to_unit_range
 
 PREVIEW_SEED = 1234
 PREVIEW_COUNT = 8
@@ -35,10 +36,13 @@ def grid_png(images: torch.Tensor, columns: int = 8) -> bytes:
 
 @torch.no_grad()
 def write_preview(trainer, step: int) -> str:
-    first = next(iter(trainer.dataset.store.manifest(trainer.dataset.version).shards))
-    prompts = [trainer.dataset.store.get(index=first.first_index + i % first.num_samples)["prompt"]
-               for i in range(PREVIEW_COUNT)]
-    shape = tuple(trainer.dataset.manifest.schema.fields["noise"].shape)
+    """Write RUN/previews/step-NNNNNNNN.png: the student's (EMA's, if kept) images for the first
+    prompts of the training data and fixed noises of the pairs' own latent shape; returns the path."""
+    manifest = trainer.dataset.manifest
+    first = manifest.shards[0]
+    prompts = [trainer.store.get(index=first.first_index + i % first.num_samples, version=manifest.version,
+                                 fields=["prompt"])["prompt"] for i in range(PREVIEW_COUNT)]
+    shape = tuple(manifest.schema.fields["noise"].shape)
     noise = torch.stack([sample_noise(PREVIEW_SEED, i, shape) for i in range(PREVIEW_COUNT)])
     model = trainer.ema.model if trainer.ema is not None else trainer.generator
     original = trainer.objective.generator
@@ -47,11 +51,10 @@ def write_preview(trainer, step: int) -> str:
         latents = trainer.objective.sample({"noise": noise, "prompt": prompts})
     finally:
         trainer.objective.generator = original
-    vae = trainer.pipe.vae
-    images = (vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    images = to_unit_range(decode(trainer.pipe.vae, latents))
     fs, root = fsspec.core.url_to_fs(trainer.config.out)
     path = posixpath.join(root, "previews", f"step-{step:08d}.png")
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     with fs.open(path, "wb") as f:
-        f.write(grid_png(images.float().cpu()))
+        f.write(grid_png(images.cpu()))
     return path

@@ -21,7 +21,7 @@ from d2g.shapes import sampling, world
 from d2g.shapes.evaluator import Evaluator, diversity, frechet_distance
 from d2g.teacher.noise import batch_noise
 from d2g.teacher.solver import SolverSettings, TeacherSolver
-from distill.export import decode
+from d2g.teacher.vae import decode, latent_shape, to_unit_range
 
 Sampler = Callable[[list[str], torch.Tensor], torch.Tensor]
 
@@ -44,7 +44,18 @@ def student_sampler(pipe) -> Sampler:
 
 
 class ShapesQuality:
-    """Fixed evaluation sets for the shapes teacher, and the scores of a sampler on them."""
+    """Fixed evaluation sets for the shapes teacher, and the scores of a sampler on them.
+
+    Args:
+        teacher_pipe: the shapes teacher pipeline (its VAE decodes every sampler's latents).
+        num: prompts and held-out noises scored.
+        diversity_prompts, diversity_samples: the diversity set: this many prompts, each with
+            this many noises.
+        target_steps, target_guidance: the teacher's multi-step sampler whose latents are the
+            distance targets.
+        batch_size: samples per sampler call and per decode.
+        evaluator: the shapes evaluator (default: the packaged one).
+    """
 
     def __init__(self, teacher_pipe, num: int = 256, diversity_prompts: int = 16, diversity_samples: int = 8,
                  target_steps: int = 25, target_guidance: float = 3.0, batch_size: int = 128,
@@ -52,8 +63,7 @@ class ShapesQuality:
         self.teacher = teacher_pipe
         self.judge = evaluator or Evaluator.load()
         self.batch_size = batch_size
-        unet = teacher_pipe.unet.config
-        self.latent_shape = (unet.in_channels, unet.sample_size, unet.sample_size)
+        self.latent_shape = latent_shape(teacher_pipe)
         self.prompts, self.attributes = sampling.prompts(PROMPT_SEED, num, "train")
         self.noise = batch_noise(NOISE_SEED, list(range(num)), self.latent_shape)
         real_images, _, _ = world.batch(REAL_SEED, 0, num, "train")
@@ -77,6 +87,7 @@ class ShapesQuality:
     @torch.no_grad()
     def latents(self, sampler: Sampler, prompts: list[str] | None = None,
                 noise: torch.Tensor | None = None) -> torch.Tensor:
+        """A sampler's latents for `prompts` and `noise` (default: the fixed set), in batches."""
         prompts = self.prompts if prompts is None else prompts
         noise = self.noise if noise is None else noise
         chunks = [sampler(prompts[i:i + self.batch_size], noise[i:i + self.batch_size])
@@ -87,11 +98,13 @@ class ShapesQuality:
     def images(self, latents: torch.Tensor) -> torch.Tensor:
         """Decoded with the teacher's VAE (a student shares it), [N, 3, H, W] in [0, 1], quantised to
         8 bits as a saved image would be."""
-        images = torch.cat([decode(self.teacher, chunk) for chunk in latents.split(self.batch_size)])
+        images = torch.cat([to_unit_range(decode(self.teacher.vae, chunk)) for chunk in latents.split(self.batch_size)])
         return (images * 255).round() / 255
 
     @torch.no_grad()
     def score(self, sampler: Sampler) -> dict:
+        """accuracy (and per attribute), frechet, diversity and distance of a sampler (see the
+        module docstring), and the number of prompts scored."""
         latents = self.targets if sampler is self.target_sampler else self.latents(sampler)
         images = self.images(latents)
         accuracy = self.judge.attribute_accuracy(images * 2 - 1, self.attributes)

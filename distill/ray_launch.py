@@ -11,6 +11,7 @@ from distill.trainer import Trainer, TrainSummary
 
 
 def train_in_process(config: TrainConfig, progress: bool = True) -> dict:
+    """Train as a single rank in this process; returns the run summary (TrainSummary.as_dict)."""
     return Trainer(config).run(progress=progress).as_dict()
 
 
@@ -24,19 +25,12 @@ def _worker_loop(config_dict: dict) -> None:
     ray.train.report({"steps": summary.steps})
 
 
-def _ensure_ray(num_cpus: int | None = None):
-    import ray
-
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-        else:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
-    return ray
-
-
 def train_on_ray(config: TrainConfig) -> dict:
-    ray = _ensure_ray()
+    """Train on Ray Train: `config.workers` ranks (a GPU each with use_gpu, default: when the
+    cluster has GPUs), joining RAY_ADDRESS or a local Ray. Returns rank 0's run summary."""
+    from d2g.cli.ray_start import ensure_ray
+
+    ray = ensure_ray()
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -55,6 +49,8 @@ def train_on_ray(config: TrainConfig) -> dict:
 
 
 def train(config: TrainConfig, progress: bool = True) -> dict:
+    """Train as `config` says: on Ray Train (use_ray), else in this process (one worker only).
+    Returns the run summary as a dict."""
     if config.use_ray:
         return train_on_ray(config)
     if config.workers != 1:

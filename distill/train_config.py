@@ -4,9 +4,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from d2g.cli.options import build_model, describe_validation_error
+from d2g.cli.options import build_model
+from distill.objective_config import OBJECTIVE_CONFIGS, ObjectiveConfig, ObjectiveName, parse_objective_config
 
 
 class TrainConfigError(ValueError):
@@ -14,13 +23,21 @@ class TrainConfigError(ValueError):
 
 
 class TrainConfig(BaseModel):
+    """Every option of `distill train`. `objective_config` is parsed here, once, into the typed
+    config of `objective` (see distill.objective_config); a checkpoint's saved config (its
+    `model_dump(mode="json")`) parses back to an equal TrainConfig."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     data: str = Field("demo-out/pairs", description="pair store URL[@vN]; without @vN a newer version is picked up at epoch boundaries")
     teacher: str = Field("shapes", description="the teacher the pairs came from: hub id, local folder, or built-in alias")
     out: str = Field("runs/student", description="run folder URL (local or s3://): checkpoints, metrics, previews")
-    objective: Literal["d2g", "add", "regression"] = Field("d2g", description="training objective")
-    objective_config: dict = Field(default_factory=dict, description="objective options (see distill.objectives.ObjectiveConfig), e.g. {lambda_gan: 0.1}")
+    objective: ObjectiveName = Field("d2g", description="training objective")
+    # SerializeAsAny: dump the objective's own fields, not only the base class's.
+    objective_config: SerializeAsAny[ObjectiveConfig] = Field(
+        default_factory=dict, validate_default=True,
+        description="objective options (see distill.objective_config: D2GConfig, ADDConfig, RegressionConfig), "
+        "e.g. {lambda_gan: 0.1}")
     max_steps: int = Field(1000, gt=0, description="optimiser steps to train for")
     batch_size: int = Field(16, gt=0, description="pairs per optimiser step per worker (before accumulation)")
     grad_accum: int = Field(1, gt=0, description="micro-batches accumulated per optimiser step")
@@ -48,18 +65,24 @@ class TrainConfig(BaseModel):
     resume: bool = Field(True, description="continue from the latest complete checkpoint in --out")
     device: str = Field("auto", description="torch device: auto, cuda, cpu")
 
+    @field_validator("objective_config", mode="wrap")
+    @classmethod
+    def _typed_objective_config(cls, value, handler, info: ValidationInfo):
+        if "objective" not in info.data:
+            return value  # `objective` itself is invalid and already reported
+        # A ValidationError raised here is reported under objective_config.<field>.
+        return parse_objective_config(info.data["objective"], value)
+
+    @model_validator(mode="after")
+    def _objective_config_matches(self) -> TrainConfig:
+        expected = OBJECTIVE_CONFIGS[self.objective]
+        if not isinstance(self.objective_config, expected):
+            raise ValueError(f"objective_config holds {type(self.objective_config).__name__} options but objective "
+                             f"{self.objective!r} takes {expected.__name__}; set objective_config with objective")
+        return self
+
 
 def load_train_config(yaml_path: str | None = None, overrides: dict | None = None) -> TrainConfig:
-    """Defaults < YAML file < flags; the objective's own options are validated too."""
-    config = build_model(TrainConfig, yaml_path, overrides, TrainConfigError)
-    _check_objective_config(config, yaml_path or "flags")
-    return config
-
-
-def _check_objective_config(config: TrainConfig, source: str) -> None:
-    from distill.objectives import ObjectiveConfig
-
-    try:
-        ObjectiveConfig(**config.objective_config)
-    except ValidationError as err:
-        raise TrainConfigError(describe_validation_error(err, source, prefix="objective_config.")) from None
+    """Defaults < YAML file < flags, validated (the objective's own options included); raises
+    TrainConfigError naming the source and every bad field, e.g. `objective_config.lambda_gan`."""
+    return build_model(TrainConfig, yaml_path, overrides, TrainConfigError)

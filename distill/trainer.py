@@ -43,6 +43,10 @@ class TrainingStopped(RuntimeError):
 
 @dataclass
 class TrainSummary:
+    """What a run did: run folder, last step, the step it resumed from, wall time, samples seen
+    (all ranks), last logged losses, data version, skipped corrupt shards, and each rank's
+    generator weight digest (equal on every rank when DDP kept them in sync)."""
+
     out: str
     steps: int = 0
     resumed_from: int | None = None
@@ -54,12 +58,14 @@ class TrainSummary:
     rank_weight_hashes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
+        """The fields and the steps per second of this session (resumed steps excluded)."""
         data = dict(self.__dict__)
         data["steps_per_second"] = (self.steps - (self.resumed_from or 0)) / self.seconds if self.seconds else 0.0
         return data
 
 
 def weights_digest(module: torch.nn.Module) -> str:
+    """A short hash of a module's state dict: equal digests, equal weights."""
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
@@ -72,6 +78,15 @@ def _trainable(module: torch.nn.Module | None) -> list[torch.nn.Parameter]:
 
 
 class Trainer:
+    """One rank of a training run: builds the objective and optimisers, opens the pair store,
+    resumes from the run's latest checkpoint, and trains (`run`).
+
+    Args:
+        config: the run's options.
+        rank, world_size: this process's place in a distributed run (torch.distributed must be
+            initialised when world_size > 1; Ray Train does it).
+    """
+
     def __init__(self, config: TrainConfig, rank: int = 0, world_size: int = 1):
         self.config = config
         self.rank, self.world_size = rank, world_size
@@ -102,13 +117,19 @@ class Trainer:
         self.step = 0
         self.summary = TrainSummary(out=config.out)
         self.metrics = MetricsWriter(config.out, enabled=rank == 0)
-        self._open_data(config.data)
         latest = self.checkpoints.latest()
         if latest is not None and not config.resume:
             raise TrainingStopped(f"{config.out} already holds checkpoints (latest: step {latest}); resume "
                                   "(the default) or choose a new --out: checkpoints are never overwritten")
-        if latest is not None:
-            self._restore(latest)
+        # The trainer's one handle on the pair store (manifests, new versions, preview prompts);
+        # store.PairDataset takes a URL and keeps its own handle for reading samples.
+        self.data_root, pinned = parse_url(config.data)
+        self.store = PairStore(self.data_root)
+        saved = self.checkpoints.load(latest, list(WEIGHT_GROUPS)) if latest is not None else None
+        # A resumed run reads the data version its checkpoint was streaming, whatever --data says.
+        self._open_data(saved[2]["data_version"] if saved is not None else pinned)
+        if saved is not None:
+            self._restore(latest, *saved)
 
     # -- setup -----------------------------------------------------------------------------------
     @staticmethod
@@ -123,17 +144,16 @@ class Trainer:
                 for tensor in list(module.parameters()) + list(module.buffers()):
                     dist.broadcast(tensor.data, src=0)
 
-    def _fields(self, url: str) -> list[str]:
-        root, version = parse_url(url)
-        schema = PairStore(root).manifest(version).schema
-        wanted = ["noise", "latent", "prompt"]
-        wanted += [f for f in ("prompt_embeds", "pooled_prompt_embeds") if f in schema.names]
-        return wanted
-
-    def _open_data(self, url: str) -> None:
+    def _open_data(self, version: int | None) -> None:
+        """Stream `version` of the pair store (None: the latest), with the stored text embeddings
+        when the pairs have them."""
         c = self.config
-        self.dataset = PairDataset(url, fields=self._fields(url), seed=c.seed, shuffle_block=c.shuffle_block,
-                                   rank=self.rank, world_size=self.world_size, on_corrupt=c.on_corrupt)
+        manifest = self.store.manifest(version)
+        fields = ["noise", "latent", "prompt"]
+        fields += [f for f in ("prompt_embeds", "pooled_prompt_embeds") if f in manifest.schema.names]
+        self.dataset = PairDataset(f"{self.data_root}@v{manifest.version}", fields=fields, seed=c.seed,
+                                   shuffle_block=c.shuffle_block, rank=self.rank, world_size=self.world_size,
+                                   on_corrupt=c.on_corrupt)
         self.loader = PairLoader(self.dataset, batch_size=c.batch_size, num_workers=c.data_workers, drop_last=True)
         self.summary.data_version = self.dataset.version
 
@@ -146,6 +166,8 @@ class Trainer:
         return out
 
     def save_checkpoint(self) -> None:
+        """Checkpoint the current step (rank 0 writes; every rank's RNG and data position are
+        gathered into it), then prune old checkpoints. Every rank must call it."""
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -172,8 +194,7 @@ class Trainer:
         if self.distributed:
             dist.barrier()
 
-    def _restore(self, step: int) -> None:
-        weights, objects, state = self.checkpoints.load(step, list(WEIGHT_GROUPS))
+    def _restore(self, step: int, weights: dict, objects: dict, state: dict) -> None:
         if state["world_size"] != self.world_size:
             raise TrainingStopped(f"checkpoint step {step} in {self.config.out} was written by {state['world_size']} "
                                   f"ranks; resuming with {self.world_size} is not supported yet")
@@ -191,9 +212,6 @@ class Trainer:
                 group["lr"] = lr
         self.scaler_g.load_state_dict(objects["scaler_g"])
         self.scaler_d.load_state_dict(objects["scaler_d"])
-        if state.get("data_version") != self.dataset.version:
-            root, _ = parse_url(self.config.data)
-            self._open_data(f"{root}@v{state['data_version']}")
         self.dataset.load_state_dict(state["data"][self.rank])
         torch.set_rng_state(objects["rng_torch"][self.rank])
         if objects.get("rng_cuda") and torch.cuda.is_available():
@@ -242,6 +260,8 @@ class Trainer:
         return logs
 
     def train_step(self, micro_batches: list[dict]) -> dict:
+        """One optimiser step of the discriminator (if any), then of the generator, over the
+        accumulated micro-batches; updates the EMA. Returns the averaged logs."""
         logs: dict[str, float] = {}
         if self.opt_d is not None:
             logs.update(self._optimise(self.objective.discriminator_loss, micro_batches, self.d_params,
@@ -260,17 +280,16 @@ class Trainer:
             self._maybe_follow_latest()
 
     def _maybe_follow_latest(self) -> None:
-        root, pinned = parse_url(self.config.data)
-        if pinned is not None:
+        if parse_url(self.config.data)[1] is not None:
             return
-        latest = PairStore(root).latest_version() if self.rank == 0 else None
+        latest = self.store.latest_version() if self.rank == 0 else None
         if self.distributed:
             shared = [latest]
             dist.broadcast_object_list(shared, src=0)
             latest = shared[0]
         if latest is not None and latest != self.dataset.version:
             epoch = self.dataset.epoch
-            self._open_data(f"{root}@v{latest}")
+            self._open_data(latest)
             self.dataset.set_epoch(epoch)
 
     def _all_ranks_have(self, have: bool) -> bool:
@@ -281,6 +300,8 @@ class Trainer:
         return bool(flag.item())
 
     def run(self, progress: bool = True) -> TrainSummary:
+        """Train until config.max_steps, logging, previewing and checkpointing on schedule; a
+        progress bar on rank 0 if `progress`. Raises TrainingStopped on a non-finite loss."""
         from tqdm import tqdm
 
         c = self.config

@@ -93,9 +93,12 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> 
         help_text = f"{info.description} [default: {default}]"
         kind, choices = _flag_kind(info.annotation)
         origin = typing.get_origin(info.annotation)
+        is_model = isinstance(kind, type) and issubclass(kind, BaseModel)
+        if is_model:
+            help_text = f"{info.description} [default: the preset]"
         if kind is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif kind is dict or origin is dict:
+        elif kind is dict or origin is dict or is_model:
             parser.add_argument(flag, dest=name, type=_mapping_flag(flag), default=None,
                                 help=help_text + " (a YAML or JSON mapping, e.g. '{lambda_gan: 0.1}')")
         elif origin is tuple:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -25,10 +26,11 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from distill.conditioning import Conditioning
+from distill.discriminators.base import DiscriminatorLogits
 from distill.discriminators.heads import ReadoutHead
+from distill.discriminators.r1 import r1_penalty
 from distill.discriminators.unet_probe import dummy_conditioning, probe_size
-
-HEAD_POINTS = ("before", "skip", "after")
+from distill.objective_config import HEAD_POINTS, D2GConfig
 
 
 def _zero_conv(in_ch: int, out_ch: int) -> nn.Conv2d:
@@ -39,6 +41,22 @@ def _zero_conv(in_ch: int, out_ch: int) -> nn.Conv2d:
 
 
 class D2GDiscriminator(nn.Module):
+    """The Diffusion2GAN discriminator (see the module docstring); implements
+    distill.discriminators.base.Discriminator.
+
+    Args:
+        teacher_unet: the teacher's UNet2DConditionModel; copied (float32, trainable), not modified.
+        z_conditioning: add the generator's input noise z through a zero-initialised conv.
+        multiscale: add the judged latent, resized, to every down block's input.
+        readout_heads: heads at every decoder scale at `head_points`; False: one head on the
+            decoder's final output.
+        head_points: where each decoder scale is read: any of HEAD_POINTS.
+        timestep: the timestep the UNet is evaluated at.
+        head_hidden: hidden width of the readout heads.
+        gradient_checkpointing: recompute the UNet's activations in backward.
+        r1_samples: how many real samples the single-sample R1 penalty uses.
+    """
+
     def __init__(
         self,
         teacher_unet: nn.Module,
@@ -50,11 +68,13 @@ class D2GDiscriminator(nn.Module):
         timestep: int = 0,
         head_hidden: int = 64,
         gradient_checkpointing: bool = False,
+        r1_samples: int = 1,
     ):
         super().__init__()
         bad = [p for p in head_points if p not in HEAD_POINTS]
         if bad:
             raise ValueError(f"unknown d2g head points {bad}; choose from {HEAD_POINTS}")
+        self.r1_samples = int(r1_samples)
         self.unet = copy.deepcopy(teacher_unet).float().train().requires_grad_(True)
         self.unet.conv_norm_out = None
         self.unet.conv_out = nn.Identity()
@@ -84,6 +104,17 @@ class D2GDiscriminator(nn.Module):
         )
         self.heads = nn.ModuleDict(
             {name.replace(".", "_"): ReadoutHead(shapes[name][0], head_hidden) for name in self.tap_names}
+        )
+
+    @classmethod
+    def from_config(cls, teacher_unet: nn.Module, schedule: nn.Module, config: D2GConfig) -> D2GDiscriminator:
+        """The discriminator a `d2g` objective's config describes (the schedule is not needed:
+        this discriminator judges latents at one fixed timestep)."""
+        return cls(
+            teacher_unet, z_conditioning=config.d2g_z_conditioning, multiscale=config.d2g_multiscale,
+            readout_heads=config.d2g_readout_heads, head_points=config.d2g_head_points,
+            timestep=config.d2g_timestep, head_hidden=config.head_hidden,
+            gradient_checkpointing=config.gradient_checkpointing, r1_samples=config.r1_samples,
         )
 
     # -- hooks -----------------------------------------------------------------------------------
@@ -170,7 +201,9 @@ class D2GDiscriminator(nn.Module):
     def forward(
         self, latent: torch.Tensor, cond: Conditioning, z: torch.Tensor | None = None, return_features: bool = False
     ):
-        """Real/fake logits, one column per readout head: [B, n_heads] (float32)."""
+        """Real/fake logits of `latent` [B, C, h, w] under `cond`, one column per readout head:
+        [B, n_heads] (float32); `z` is the generator's input noise (required with z conditioning).
+        With `return_features`, also the tapped feature maps by tap name."""
         if self.z_conditioning and z is None:
             raise ValueError("d2g discriminator has z conditioning on but no noise 'z' was given")
         dtype = next(self.unet.parameters()).dtype
@@ -183,3 +216,24 @@ class D2GDiscriminator(nn.Module):
             self._ctx = None
         logits = torch.stack([self.heads[n.replace(".", "_")](features[n]) for n in self.tap_names], dim=1)
         return (logits, features) if return_features else logits
+
+    # -- the objective's entry points (distill.discriminators.base.Discriminator) ------------------
+    def generator_logits(self, fake: torch.Tensor, cond: Conditioning, z: torch.Tensor) -> torch.Tensor:
+        """Logits [B, n_heads] of the generator's latents; gradients flow to `fake`."""
+        return self(fake, cond, z=z)
+
+    def discriminator_logits(self, real: torch.Tensor, fake: torch.Tensor, cond: Conditioning, z: torch.Tensor,
+                             r1: bool = False, forward: Callable | None = None) -> DiscriminatorLogits:
+        """Real and fake judged in one batch; R1 on `r1_samples` real latents (the paper's
+        single-sample R1), through `forward` (this module or a DDP wrapper of it)."""
+        forward = self if forward is None else forward
+        b = real.shape[0]
+        logits = forward(torch.cat([real, fake]), cond.cat(cond), z=torch.cat([z, z]))
+        penalty = None
+        if r1:
+            n = min(self.r1_samples, b)
+            x = real[:n].detach().requires_grad_(True)
+            with self.double_backward_safe():
+                r1_logits = forward(x, cond.select(slice(0, n)), z=z[:n])
+                penalty = r1_penalty(r1_logits.mean(dim=1), x)
+        return DiscriminatorLogits(logits[:b], logits[b:], penalty)

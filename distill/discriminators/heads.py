@@ -14,7 +14,12 @@ def _groups(channels: int, preferred: int = 32) -> int:
 
 
 class ReadoutHead(nn.Module):
-    """Diffusion2GAN readout: conv3x3 -> GroupNorm -> SiLU -> conv1x1 to one logit per pixel, spatial mean."""
+    """Diffusion2GAN readout: conv3x3 -> GroupNorm -> SiLU -> conv1x1 to one logit per pixel, spatial mean.
+
+    Args:
+        channels: channels of the feature map read.
+        hidden: hidden width (capped at max(channels, 8)).
+    """
 
     def __init__(self, channels: int, hidden: int = 64):
         super().__init__()
@@ -24,6 +29,7 @@ class ReadoutHead(nn.Module):
         self.out = nn.Conv2d(hidden, 1, 1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits [B] (float32) of a feature map [B, channels, h, w]."""
         h = F.silu(self.norm(self.conv(features)))
         return self.out(h).float().mean(dim=(1, 2, 3))
 
@@ -40,7 +46,14 @@ class ConditionedHead(nn.Module):
     """LADD head: conv features modulated (FiLM) by the noise level and the pooled text embedding.
 
     The projection term <phi(h), c> (projection discriminator) makes text alignment part of the
-    logit, not only a feature modulation."""
+    logit, not only a feature modulation.
+
+    Args:
+        channels: channels of the feature map read.
+        cond_dim: size of the text vector.
+        hidden: hidden width (capped at max(channels, 8)).
+        t_dim: size of the sinusoidal timestep embedding.
+    """
 
     def __init__(self, channels: int, cond_dim: int, hidden: int = 64, t_dim: int = 64):
         super().__init__()
@@ -52,6 +65,7 @@ class ConditionedHead(nn.Module):
         self.out = nn.Conv2d(hidden, 1, 1)
 
     def forward(self, features: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Logits [B] (float32) of features [B, channels, h, w] at `timesteps` [B] for `text` [B, cond_dim]."""
         c = torch.cat([timestep_features(timesteps, self.t_dim).to(text.dtype), text], dim=-1)
         scale, shift, proj = self.cond(c).chunk(3, dim=-1)
         h = self.norm(self.conv(features))

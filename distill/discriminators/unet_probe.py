@@ -18,6 +18,7 @@ class StopForward(Exception):
 
 
 def downsampling_factor(unet: nn.Module) -> int:
+    """How much the UNet shrinks its input: latent sizes must be multiples of it."""
     return 2 ** (len(unet.config.block_out_channels) - 1)
 
 
@@ -50,6 +51,7 @@ def block_names(unet: nn.Module) -> list[str]:
 
 
 def block_module(unet: nn.Module, name: str) -> nn.Module:
+    """The block a tap name ("down0", "mid", "up1"...) names; ValueError listing the valid names."""
     if name == "mid":
         return unet.mid_block
     for prefix, blocks in (("down", unet.down_blocks), ("up", unet.up_blocks)):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from distill.discriminators.add import ADDDiscriminator
-from distill.objectives import ObjectiveConfig, ObjectiveError, make_objective
+from distill.objective_config import ADDConfig
+from distill.objectives import ObjectiveError, make_objective
 from tests.helpers.objectives import PROMPTS
 
 
@@ -38,7 +39,7 @@ def test_only_heads_are_parameters_and_forward_stops_early(sd15_teacher):
 @pytest.mark.parametrize("teacher", ["sd15_teacher", "sdxl_teacher"])
 def test_gradients_reach_every_trainable_part_and_no_frozen_part(teacher, request):
     pipe = _load(request.getfixturevalue(teacher))
-    obj = make_objective("add", pipe, ObjectiveConfig(student_steps=2, sd_guidance_scale=2.0))
+    obj = make_objective("add", pipe, ADDConfig(student_steps=2, sd_guidance_scale=2.0))
     batch = {"noise": torch.randn(4, 4, 8, 8), "latent": torch.randn(4, 4, 8, 8), "prompt": PROMPTS}
     g_loss, g_logs = obj.generator_loss(batch, step=3)
     assert set(g_logs) == {"g/gan", "g/score_distillation", "g/total"}
@@ -64,14 +65,14 @@ def test_gradients_reach_every_trainable_part_and_no_frozen_part(teacher, reques
 def test_unknown_feature_block_names_the_option(sd15_teacher):
     pipe = _load(sd15_teacher)
     with pytest.raises(ObjectiveError, match="add_feature_blocks.*'down7'"):
-        make_objective("add", pipe, ObjectiveConfig(add_feature_blocks=["down7"]))
+        make_objective("add", pipe, ADDConfig(add_feature_blocks=["down7"]))
 
 
 def test_discriminator_learns_to_separate_real_from_fake(sdxl_teacher):
     """With the student fixed, D's hinge loss falls and real logits rise above fake ones."""
     pipe = _load(sdxl_teacher)
     torch.manual_seed(0)
-    obj = make_objective("add", pipe, ObjectiveConfig(add_feature_blocks=["down1", "mid"]))
+    obj = make_objective("add", pipe, ADDConfig(add_feature_blocks=["down1", "mid"]))
     batch = {"noise": torch.randn(8, 4, 8, 8), "latent": torch.randn(8, 4, 8, 8) * 3 + 2, "prompt": PROMPTS * 2}
     opt = torch.optim.Adam(obj.discriminator.parameters(), lr=3e-3)
     losses = []

@@ -7,7 +7,8 @@ import torch
 
 from distill.conditioning import TextConditioner
 from distill.discriminators.d2g import D2GDiscriminator
-from distill.objectives import ObjectiveConfig, make_objective
+from distill.objective_config import D2GConfig
+from distill.objectives import make_objective
 from tests.helpers.objectives import PROMPTS
 
 
@@ -98,7 +99,7 @@ def test_switches_change_the_architecture(sd15_teacher):
 @pytest.mark.parametrize("teacher", ["sd15_teacher", "sdxl_teacher"])
 def test_gradients_reach_every_trainable_part_and_no_frozen_part(teacher, request):
     pipe = _load(request.getfixturevalue(teacher))
-    obj = make_objective("d2g", pipe, ObjectiveConfig(regression_kwargs={"allow_random": True, "width": 0.125}))
+    obj = make_objective("d2g", pipe, D2GConfig(regression_kwargs={"allow_random": True, "width": 0.125}))
     batch = {"noise": torch.randn(4, 4, 8, 8), "latent": torch.randn(4, 4, 8, 8) * 5, "prompt": PROMPTS}
 
     g_loss, g_logs = obj.generator_loss(batch, step=1)
@@ -126,11 +127,11 @@ def test_gradients_reach_every_trainable_part_and_no_frozen_part(teacher, reques
 
 def test_r1_is_lazy_and_mix_and_match_replaces_fakes(sd15_teacher):
     pipe = _load(sd15_teacher)
-    obj = make_objective("d2g", pipe, ObjectiveConfig(regression_loss="mse", r1_every=4, mix_and_match=0.5))
+    obj = make_objective("d2g", pipe, D2GConfig(regression_loss="mse", r1_every=4, mix_and_match=0.5))
     batch = {"noise": torch.randn(4, 4, 8, 8), "latent": torch.randn(4, 4, 8, 8), "prompt": PROMPTS}
     assert "d/r1" in obj.discriminator_loss(batch, step=8)[1]
     assert "d/r1" not in obj.discriminator_loss(batch, step=9)[1]
-    off = make_objective("d2g", pipe, ObjectiveConfig(regression_loss="mse", r1_gamma=0.0))
+    off = make_objective("d2g", pipe, D2GConfig(regression_loss="mse", r1_gamma=0.0))
     assert "d/r1" not in off.discriminator_loss(batch, step=0)[1]
 
     real, fake = batch["latent"], torch.randn(4, 4, 8, 8)
@@ -138,5 +139,5 @@ def test_r1_is_lazy_and_mix_and_match_replaces_fakes(sd15_teacher):
     torch.testing.assert_close(mixed[:2], real.roll(1, dims=0)[:2])
     torch.testing.assert_close(mixed[2:], fake[2:])
     assert not torch.equal(off._mix_and_match(fake, real), fake)  # the d2g preset mixes 25%
-    none = make_objective("d2g", pipe, ObjectiveConfig(regression_loss="mse", mix_and_match=0.0))
+    none = make_objective("d2g", pipe, D2GConfig(regression_loss="mse", mix_and_match=0.0))
     assert torch.equal(none._mix_and_match(fake, real), fake)

@@ -1,4 +1,5 @@
-"""Objective construction, configuration presets, conditioning paths and bad input."""
+"""Objective construction, typed configs and presets, the discriminator interface, conditioning
+paths and bad input."""
 
 from __future__ import annotations
 
@@ -7,16 +8,21 @@ import types
 import pydantic
 import pytest
 import torch
+from torch import nn
 
+from distill import objectives
 from distill.conditioning import ConditioningError, TextConditioner
-from distill.objectives import (
-    BatchShapeError,
-    NonFiniteLossError,
+from distill.discriminators.base import DiscriminatorLogits
+from distill.discriminators.r1 import r1_penalty
+from distill.objective_config import (
+    OBJECTIVE_CONFIGS,
+    ADDConfig,
+    D2GConfig,
     ObjectiveConfig,
-    ObjectiveError,
-    make_objective,
-    resolve_config,
+    RegressionConfig,
+    parse_objective_config,
 )
+from distill.objectives import BatchShapeError, NonFiniteLossError, ObjectiveError, make_objective
 from tests.helpers.objectives import PROMPTS
 
 
@@ -35,21 +41,92 @@ def test_unknown_names_list_the_valid_ones(sd15_teacher):
     with pytest.raises(ValueError, match="unknown objective 'gan'.*add, d2g, regression"):
         make_objective("gan", pipe)
     with pytest.raises(ValueError, match="unknown regression loss 'l7'.*mse"):
-        make_objective("regression", pipe, ObjectiveConfig(regression_loss="l7"))
+        make_objective("regression", pipe, RegressionConfig(regression_loss="l7"))
     with pytest.raises(pydantic.ValidationError, match="student_steps"):
         ObjectiveConfig(student_steps=5)
     with pytest.raises(pydantic.ValidationError, match="extra"):
-        ObjectiveConfig(lambda_gann=1.0)
+        D2GConfig(lambda_gann=1.0)
+    with pytest.raises(ValueError, match="unknown objective 'gan'.*add, d2g, regression"):
+        parse_objective_config("gan", {})
 
 
-def test_presets_and_overrides():
-    assert resolve_config("add", ObjectiveConfig()).lambda_sd == 2.5
-    assert resolve_config("add", ObjectiveConfig()).r1_gamma == 1e-5
-    assert resolve_config("add", ObjectiveConfig()).gan_loss == "hinge"
-    d2g = resolve_config("d2g", ObjectiveConfig(mix_and_match=0.0, r1_gamma=0.0))
-    assert (d2g.regression_loss, d2g.gan_loss, d2g.mix_and_match, d2g.r1_gamma) == (
-        "e_latent_lpips", "non_saturating", 0.0, 0.0)
-    assert resolve_config("regression", ObjectiveConfig(regression_loss="pseudo_huber")).lambda_gan == 0.0
+def test_presets_are_the_config_classes_defaults():
+    assert set(OBJECTIVE_CONFIGS) == set(objectives.OBJECTIVES) == set(objectives.DISCRIMINATORS)
+    add = ADDConfig()
+    assert (add.lambda_sd, add.r1_gamma, add.gan_loss, add.regression_weight) == (2.5, 1e-5, "hinge", 0.0)
+    d2g = D2GConfig(mix_and_match=0.0, r1_gamma=0.0)
+    assert (d2g.regression_loss, d2g.gan_loss, d2g.mix_and_match, d2g.r1_gamma, d2g.lambda_gan) == (
+        "e_latent_lpips", "non_saturating", 0.0, 0.0, 0.1)
+    regression = RegressionConfig(regression_loss="pseudo_huber")
+    assert (regression.regression_weight, regression.lambda_sd) == (1.0, 0.0)
+    assert not hasattr(regression, "lambda_gan"), "regression has no adversarial term to weight"
+
+
+def test_options_belong_to_their_objective_and_errors_name_the_field():
+    with pytest.raises(pydantic.ValidationError, match="d2g_multiscale"):
+        parse_objective_config("add", {"d2g_multiscale": False})
+    with pytest.raises(pydantic.ValidationError, match="add_feature_blocks"):
+        parse_objective_config("d2g", {"add_feature_blocks": ["mid"]})
+    with pytest.raises(pydantic.ValidationError, match="lambda_gan"):
+        parse_objective_config("regression", {"lambda_gan": 0.1})
+    with pytest.raises(pydantic.ValidationError, match="d2g_head_points"):
+        parse_objective_config("d2g", {"d2g_head_points": ["middle"]})
+    with pytest.raises(pydantic.ValidationError, match=r"sd_t_min \(990\) > sd_t_max \(980\)"):
+        parse_objective_config("add", {"sd_t_min": 990})
+    with pytest.raises(pydantic.ValidationError, match="must be 2 non-negative numbers"):
+        parse_objective_config("add", {"student_steps": 2, "student_step_probs": [1.0]})
+    typed = parse_objective_config("add", {"student_steps": 2})
+    assert parse_objective_config("add", typed) is typed
+    assert parse_objective_config("add", typed.model_dump(mode="json")) == typed
+
+
+def test_a_config_of_another_objective_is_refused():
+    with pytest.raises(ObjectiveError, match="objective 'add' takes ADDConfig, got D2GConfig"):
+        make_objective("add", None, D2GConfig())
+
+
+class _StubDiscriminator(nn.Module):
+    """A discriminator kind the objective has never heard of: one scale parameter on latent means."""
+
+    calls: list = []
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    @classmethod
+    def from_config(cls, teacher_unet, schedule, config):
+        return cls()
+
+    def forward(self, x):
+        return x.flatten(1).mean(dim=1, keepdim=True) * self.scale
+
+    def generator_logits(self, fake, cond, z):
+        self.calls.append("generator")
+        return self(fake)
+
+    def discriminator_logits(self, real, fake, cond, z, r1=False, forward=None):
+        self.calls.append(("discriminator", r1))
+        forward = self if forward is None else forward
+        x = real.detach().requires_grad_(True) if r1 else real
+        logits = forward(torch.cat([x, fake]))
+        b = real.shape[0]
+        return DiscriminatorLogits(logits[:b], logits[b:], r1_penalty(logits[:b].mean(dim=1), x) if r1 else None)
+
+
+def test_the_objective_uses_any_discriminator_through_its_interface(sd15_teacher, monkeypatch):
+    pipe = _load(sd15_teacher)
+    monkeypatch.setitem(objectives.DISCRIMINATORS, "d2g", _StubDiscriminator)
+    _StubDiscriminator.calls = []
+    obj = make_objective("d2g", pipe, D2GConfig(regression_loss="mse"))
+    assert isinstance(obj.discriminator, _StubDiscriminator)
+    d_loss, d_logs = obj.discriminator_loss(_batch(), step=0)
+    d_loss.backward()
+    g_loss, g_logs = obj.generator_loss(_batch(), step=1)
+    g_loss.backward()
+    assert _StubDiscriminator.calls == [("discriminator", True), "generator"]
+    assert {"d/r1", "d/real", "d/fake", "d/total"} <= set(d_logs) and "g/gan" in g_logs
+    assert obj.discriminator.scale.grad is not None
 
 
 def test_teacher_without_unet_names_the_objective():
@@ -84,7 +161,7 @@ def test_bad_batch_shapes_name_the_field_and_both_shapes(sd15_teacher):
 
 def test_non_finite_loss_names_term_and_step(sd15_teacher):
     pipe = _load(sd15_teacher)
-    obj = make_objective("d2g", pipe, ObjectiveConfig(regression_loss="mse"))
+    obj = make_objective("d2g", pipe, D2GConfig(regression_loss="mse"))
     batch = _batch()
     batch["latent"][1, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteLossError, match="'generator/regression' is nan at step 7") as info:
@@ -112,7 +189,9 @@ def test_stored_embeddings_match_encoded_prompts(teacher, request):
     if encoded.pooled is not None:
         with pytest.raises(ConditioningError, match="without 'pooled_prompt_embeds'"):
             obj.generator_loss({**stored, "pooled_prompt_embeds": None}, 0)
+        # Time ids are never stored (pairgen writes none): derived as the pipeline does, both ways.
         assert conditioner(batch, (8, 8)).time_ids.tolist()[0] == [16, 16, 0, 0, 16, 16]
+        assert conditioner(stored, (8, 8)).time_ids.tolist()[0] == [16, 16, 0, 0, 16, 16]
 
 
 @pytest.mark.parametrize("name", ["regression", "d2g", "add"])
@@ -125,7 +204,8 @@ def test_training_steps_never_call_the_vae_decoder(name, sd15_teacher):
     pipe.vae.decode = forbidden
     pipe.vae.decoder.forward = forbidden
     kwargs = {"regression_kwargs": {"allow_random": True, "width": 0.125}} if name == "d2g" else {}
-    obj = make_objective(name, pipe, ObjectiveConfig(student_steps=2 if name == "add" else 1, **kwargs))
+    options = {"student_steps": 2 if name == "add" else 1, **kwargs}
+    obj = make_objective(name, pipe, parse_objective_config(name, options))
     opt = torch.optim.SGD(obj.generator.parameters(), lr=1e-6)
     for step in range(2):
         if obj.discriminator is not None:

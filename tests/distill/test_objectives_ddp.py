@@ -7,7 +7,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from distill.objectives import ObjectiveConfig, make_objective
+from distill.objective_config import parse_objective_config
+from distill.objectives import make_objective
 from tests.helpers.objectives import PROMPTS, train
 
 
@@ -25,7 +26,7 @@ def test_ddp_wrapped_generator_and_discriminator(name, gloo_world, sd15_teacher)
     from d2g.teacher.loading import load_teacher
 
     pipe = load_teacher(str(sd15_teacher))
-    obj = make_objective(name, pipe, ObjectiveConfig(regression_loss="mse", r1_every=2))
+    obj = make_objective(name, pipe, parse_objective_config(name, {"regression_loss": "mse", "r1_every": 2}))
     obj.generator = DDP(obj.generator)
     obj.discriminator = DDP(obj.discriminator)
     batch = {"noise": torch.randn(4, 4, 8, 8), "latent": torch.randn(4, 4, 8, 8), "prompt": PROMPTS}

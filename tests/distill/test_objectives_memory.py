@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill.objectives import ObjectiveConfig, make_objective
+from distill.objective_config import ADDConfig, parse_objective_config
+from distill.objectives import make_objective
 from tests.helpers.objectives import PROMPTS
 
 
@@ -14,7 +15,8 @@ def test_checkpointing_and_bf16_autocast(name, sdxl_teacher):
     from d2g.teacher.loading import load_teacher
 
     pipe = load_teacher(str(sdxl_teacher))
-    obj = make_objective(name, pipe, ObjectiveConfig(regression_loss="mse", gradient_checkpointing=True))
+    config = parse_objective_config(name, {"regression_loss": "mse", "gradient_checkpointing": True})
+    obj = make_objective(name, pipe, config)
     assert obj.generator.unet.is_gradient_checkpointing
     if name == "d2g":
         assert obj.discriminator.unet.is_gradient_checkpointing
@@ -36,7 +38,7 @@ def test_half_precision_frozen_teacher_with_fp32_trainables(sd15_teacher):
     from d2g.teacher.loading import load_teacher
 
     pipe = load_teacher(str(sd15_teacher))
-    obj = make_objective("add", pipe, ObjectiveConfig(frozen_dtype="bf16", sd_guidance_scale=2.0))
+    obj = make_objective("add", pipe, ADDConfig(frozen_dtype="bf16", sd_guidance_scale=2.0))
     assert next(pipe.unet.parameters()).dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in obj.generator.parameters())
     assert all(p.dtype == torch.float32 for p in obj.discriminator.parameters())

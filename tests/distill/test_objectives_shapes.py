@@ -27,7 +27,8 @@ import torch
 
 from d2g.shapes import sampling
 from d2g.teacher.noise import batch_noise
-from distill.objectives import ObjectiveConfig, make_objective
+from distill.objective_config import parse_objective_config
+from distill.objectives import make_objective
 from distill.quality import ShapesQuality, teacher_sampler
 from tests.helpers.objectives import train
 
@@ -92,7 +93,7 @@ def test_objective_improves_the_student_on_the_shapes_teacher(name):
     alias, objective, overrides, lrs, steps = CASES[name]
     teacher, quality, pairs = world_setup(alias)
     torch.manual_seed(0)
-    obj = make_objective(objective, teacher, ObjectiveConfig(**overrides))
+    obj = make_objective(objective, teacher, parse_objective_config(objective, overrides))
     before = _scores(obj, quality)
     history = train(obj, pairs, steps, batch_size=BATCH, **lrs)
     after = _scores(obj, quality)

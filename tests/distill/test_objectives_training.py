@@ -18,7 +18,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill.objectives import ObjectiveConfig, make_objective
+from distill.objective_config import parse_objective_config
+from distill.objectives import make_objective
 from tests.helpers.objectives import make_pairs, mse_to_target, train
 
 E_LPIPS = {"regression_kwargs": {"allow_random": True, "width": 0.125}}
@@ -48,7 +49,7 @@ def _setup(teacher_path):
 def test_short_training_lowers_heldout_distance(teacher, name, steps, overrides, request):
     pipe, train_pairs, heldout = _setup(request.getfixturevalue(teacher))
     torch.manual_seed(0)
-    obj = make_objective(name, pipe, ObjectiveConfig(**overrides))
+    obj = make_objective(name, pipe, parse_objective_config(name, overrides))
     before = mse_to_target(obj, heldout)
     history = train(obj, train_pairs, steps, lr_g=1e-4, lr_d=1e-4)
     after = mse_to_target(obj, heldout)

@@ -155,10 +155,29 @@ def test_config_errors_name_the_field(tmp_path):
         load_train_config(None, {"max_steps": 0})
     with pytest.raises(TrainConfigError, match="objective_config.lambda_gan"):
         load_train_config(None, {"objective_config": {"lambda_gan": -1}})
+    with pytest.raises(TrainConfigError, match="objective_config.d2g_multiscale"):
+        load_train_config(None, {"objective": "add", "objective_config": {"d2g_multiscale": False}})
     bad = tmp_path / "t.yaml"
     bad.write_text("objectiv: d2g\n")
     with pytest.raises(TrainConfigError, match="objectiv"):
         load_train_config(str(bad))
+
+
+def test_objective_config_is_typed_once_and_round_trips(tmp_path):
+    from distill.objective_config import ADDConfig, D2GConfig
+    from distill.train_config import TrainConfig
+
+    yaml_file = tmp_path / "t.yaml"
+    yaml_file.write_text("objective: add\nobjective_config:\n  student_steps: 4\n  r1_gamma: 1.0e-4\n")
+    config = load_train_config(str(yaml_file))
+    assert isinstance(config.objective_config, ADDConfig)
+    assert (config.objective_config.student_steps, config.objective_config.lambda_sd) == (4, 2.5)
+    saved = json.loads(json.dumps(config.model_dump(mode="json")))  # what a checkpoint's state.json holds
+    assert saved["objective_config"]["add_t_logit_std"] == 1.0, "the objective's own fields are saved"
+    assert TrainConfig(**saved) == config
+    # Checkpoints written before the config was typed hold only the options that were given.
+    old = {**saved, "objective": "d2g", "objective_config": OBJECTIVE}
+    assert TrainConfig(**old).objective_config == D2GConfig(**OBJECTIVE)
 
 
 def test_trains_from_and_to_s3(pairs, sd15_teacher, s3_bucket):
@@ -174,7 +193,18 @@ def test_trains_from_and_to_s3(pairs, sd15_teacher, s3_bucket):
     assert len(fs.cat_file(f"{run}/metrics.jsonl").decode().splitlines()) == 4
 
 
-def test_a_newer_version_is_picked_up_at_an_epoch_boundary(ray_local, sd15_teacher, tmp_path):
+def test_a_newer_version_is_picked_up_at_an_epoch_boundary(ray_local, sd15_teacher, tmp_path, monkeypatch):
+    import distill.trainer
+    from store import PairStore
+
+    opened = []
+
+    class CountedPairStore(PairStore):
+        def __init__(self, *args, **kwargs):
+            opened.append(args)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(distill.trainer, "PairStore", CountedPairStore)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\n")
     data = str(tmp_path / "pairs")
@@ -192,5 +222,6 @@ def test_a_newer_version_is_picked_up_at_an_epoch_boundary(ray_local, sd15_teach
     seen = _metrics(tmp_path / "run")
     assert max(max(seen[s]["data/indices"]) for s in range(1, 5)) < 16, "epoch 0 reads v1"
     assert trainer.dataset.num_samples == 24 and trainer.dataset.epoch == 1, "epoch 1 streams v2"
+    assert len(opened) == 1, "the trainer opens the store once, new versions included"
     with pytest.raises(TrainingStopped, match="already holds checkpoints"):
         Trainer(_config(data, sd15_teacher, tmp_path / "run", resume=False))

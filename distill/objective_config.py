@@ -1,0 +1,147 @@
+"""The options of each training objective, typed: one pydantic model per objective.
+
+`ObjectiveConfig` holds what every objective has (regression and score-distillation terms, few-step
+students, memory and precision); `AdversarialConfig` adds the GAN options of the objectives with a
+discriminator; `RegressionConfig`, `D2GConfig` and `ADDConfig` are the objectives themselves, and
+their defaults are the objectives' presets. A config is parsed once, from YAML, `--objective-config`
+JSON or a checkpoint's saved config, by `parse_objective_config` (which `TrainConfig` calls), and
+then travels typed; errors name the field.
+
+This module imports no torch, so reading and checking a training config stays light.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Mapping
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ObjectiveName = Literal["add", "d2g", "regression"]
+OBJECTIVES: tuple[str, ...] = typing.get_args(ObjectiveName)
+HeadPoint = Literal["before", "skip", "after"]
+HEAD_POINTS: tuple[str, ...] = typing.get_args(HeadPoint)
+# LADD's probabilities of starting a few-step student's training step at each grid timestep.
+LADD_STEP_PROBS = (0.7, 0.1, 0.1, 0.1)
+
+
+class ObjectiveConfig(BaseModel):
+    """Options every objective has. Use an objective's own class (`OBJECTIVE_CONFIGS[name]`);
+    this base only gathers the shared fields and checks."""
+
+    model_config = ConfigDict(extra="forbid")
+    objective: ClassVar[str] = ""
+
+    regression_weight: float = Field(1.0, ge=0, description="weight of the regression term (0: off)")
+    regression_loss: str = Field("mse", description="regression loss by name (distill.losses.REGRESSION_LOSSES)")
+    regression_kwargs: dict = Field(default_factory=dict, description="options of the regression loss")
+    lambda_sd: float = Field(0.0, ge=0, description="weight of the score-distillation term (ADD: 2.5)")
+    # "exponential" is ADD's alpha_t (its ablation setting); ADD's final model used NFSD, which is
+    # not implemented (see docs/RESULTS.md).
+    sd_weighting: Literal["exponential", "constant"] = Field("exponential", description="c(t) of score distillation")
+    sd_guidance_scale: float = Field(1.0, ge=1.0, description="teacher guidance of the score-distillation target")
+    sd_t_min: int = Field(20, ge=0, description="smallest score-distillation timestep")
+    sd_t_max: int = Field(980, ge=0, description="largest score-distillation timestep")
+    student_steps: int = Field(1, ge=1, le=4, description="sampling steps of the student (ADD: up to 4)")
+    student_step_probs: list[float] | None = Field(
+        None, description="per-grid-step training probabilities (None: LADD's 0.7, 0.1, 0.1, 0.1, cut to student_steps)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations of trainable UNets in backward")
+    frozen_dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="dtype of the frozen teacher UNet (auto: fp16 on CUDA, fp32 elsewhere)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ObjectiveConfig:
+        if self.sd_t_min > self.sd_t_max:
+            raise ValueError(f"sd_t_min ({self.sd_t_min}) > sd_t_max ({self.sd_t_max})")
+        probs, n = self.step_probs(), self.student_steps
+        if len(probs) != n or any(p < 0 for p in probs) or sum(probs) <= 0:
+            raise ValueError(f"student_step_probs {probs} must be {n} non-negative numbers (student_steps={n})")
+        return self
+
+    def step_probs(self) -> list[float]:
+        """The (unnormalised) probability of each grid step of a few-step student's training input."""
+        return list(self.student_step_probs or LADD_STEP_PROBS[: self.student_steps])
+
+
+class AdversarialConfig(ObjectiveConfig):
+    """Options of the objectives with a discriminator: the GAN term, its loss, R1 and mix-and-match.
+    Each field is redeclared by the objective classes with the objective's preset as default."""
+
+    lambda_gan: float = Field(ge=0, description="weight of the adversarial term")
+    gan_loss: Literal["non_saturating", "hinge"] = Field(description="GAN loss of both players")
+    r1_gamma: float = Field(ge=0, description="R1 weight (0: off)")
+    r1_every: int = Field(16, ge=1, description="lazy R1: every k discriminator steps, scaled by k")
+    mix_and_match: float = Field(ge=0, le=1, description="fraction of fakes replaced by mismatched reals")
+    head_hidden: int = Field(64, ge=1, description="hidden width of the discriminator heads")
+
+
+class RegressionConfig(ObjectiveConfig):
+    """`regression`: the student regresses to the teacher's ODE latents; defaults: MSE, weight 1.
+    The fields are those of ObjectiveConfig."""
+
+    objective: ClassVar[str] = "regression"
+
+
+class D2GConfig(AdversarialConfig):
+    """`d2g` (Diffusion2GAN): E-LatentLPIPS regression plus a non-saturating GAN with the
+    teacher-UNet discriminator; each part of the discriminator is a switch (the paper's ablation)."""
+
+    objective: ClassVar[str] = "d2g"
+
+    regression_loss: str = Field("e_latent_lpips", description="regression loss by name")
+    lambda_gan: float = Field(0.1, ge=0, description="weight of the adversarial term (unpublished in the paper)")
+    gan_loss: Literal["non_saturating", "hinge"] = "non_saturating"
+    r1_gamma: float = Field(1.0, ge=0, description="R1 weight (0: off)")
+    mix_and_match: float = Field(0.25, ge=0, le=1, description="fraction of fakes replaced by mismatched reals")
+    r1_samples: int = Field(1, ge=1, description="single-sample R1: how many real samples")
+    d2g_z_conditioning: bool = Field(True, description="the generator's input noise conditions the discriminator")
+    d2g_multiscale: bool = Field(True, description="the judged latent, resized, enters every down block")
+    d2g_readout_heads: bool = Field(True, description="heads at every decoder scale (else one on the output)")
+    d2g_head_points: tuple[HeadPoint, ...] = Field(HEAD_POINTS, description="where readout heads tap each scale")
+    d2g_timestep: int = Field(0, ge=0, description="timestep the discriminator UNet is evaluated at")
+
+
+class ADDConfig(AdversarialConfig):
+    """`add` (ADD, latent form as in LADD): hinge GAN on frozen teacher features plus score
+    distillation; R1 (gamma 1e-5) on the heads' inputs."""
+
+    objective: ClassVar[str] = "add"
+
+    regression_weight: float = Field(0.0, ge=0, description="weight of the regression term (0: off)")
+    lambda_sd: float = Field(2.5, ge=0, description="weight of the score-distillation term")
+    lambda_gan: float = Field(1.0, ge=0, description="weight of the adversarial term")
+    gan_loss: Literal["non_saturating", "hinge"] = "hinge"
+    r1_gamma: float = Field(1e-5, ge=0, description="R1 weight (0: off)")
+    mix_and_match: float = Field(0.0, ge=0, le=1, description="fraction of fakes replaced by mismatched reals")
+    add_feature_blocks: list[str] | None = Field(
+        None, description="teacher blocks whose features the heads judge (None: every down block and mid)")
+    add_t_logit_mean: float = Field(1.0, description="re-noising t ~ LogitNormal(mean, std), as LADD")
+    add_t_logit_std: float = Field(1.0, gt=0, description="re-noising t ~ LogitNormal(mean, std), as LADD")
+
+
+OBJECTIVE_CONFIGS: dict[str, type[ObjectiveConfig]] = {
+    cls.objective: cls for cls in (ADDConfig, D2GConfig, RegressionConfig)
+}
+
+
+def parse_objective_config(name: str, options: ObjectiveConfig | Mapping | None = None) -> ObjectiveConfig:
+    """The typed config of objective `name` from a mapping of options (None: the preset).
+
+    An instance of the objective's class is returned as it is; another objective's config carries
+    over only the options that were set on it. Raises pydantic.ValidationError naming the field,
+    ValueError for an unknown objective name."""
+    if name not in OBJECTIVE_CONFIGS:
+        raise ValueError(f"unknown objective {name!r}; valid names: {', '.join(OBJECTIVES)}")
+    cls = OBJECTIVE_CONFIGS[name]
+    if isinstance(options, cls):
+        return options
+    if isinstance(options, ObjectiveConfig):
+        options = options.model_dump(exclude_unset=True)
+    return cls.model_validate(dict(options or {}))
+
+
+__all__ = [
+    "ADDConfig", "AdversarialConfig", "D2GConfig", "HEAD_POINTS", "OBJECTIVES", "OBJECTIVE_CONFIGS",
+    "ObjectiveConfig", "RegressionConfig", "parse_objective_config",
+]
