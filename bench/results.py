@@ -129,7 +129,8 @@ def train_student(args, work: Path, name: str, pairs: str) -> tuple[str, dict]:
     config = load_train_config(None, settings)
     began = time.perf_counter()
     summary = train(config)
-    export_student(str(run), str(model))
+    if not (model / "d2g_student.json").exists():
+        export_student(str(run), str(model))
     log(f"{name}: trained to step {summary['steps']} ({time.perf_counter() - began:.0f} s)")
     # The options the row set, not the preset's defaults: what RESULTS.json has always recorded.
     objective_options = config.objective_config.model_dump(mode="json", exclude_unset=True)

@@ -116,6 +116,21 @@ def shapes_quality(args, model_dir: str, num: int = 256) -> dict:
     return {name: {"accuracy": quality.score(sampler)["accuracy"]} for name, sampler in samplers.items()}
 
 
+def _export_once(run: str, model: str, export_student) -> None:
+    """Export the run's latest step into the demo's own model folder, replacing an older export of
+    the demo (a re-run that trained further), keeping one of the same step."""
+    import shutil
+
+    from distill.checkpoint import CheckpointStore
+
+    info_file = Path(model) / "d2g_student.json"
+    if info_file.exists():
+        if json.loads(info_file.read_text())["step"] == CheckpointStore(run).latest():
+            return
+        shutil.rmtree(model)
+    export_student(run, model)
+
+
 def write_report(report_dir: Path, sections: dict) -> Path:
     lines = ["# d2g demo report", "", f"Teacher: `{sections['teacher']}`. Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", ""]
     lines += ["## Held-out evaluation (`distill eval`)", "", "| metric | value |", "|---|---|"]
@@ -153,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lambda-gan", type=float, default=0.1)
     parser.add_argument("--regression-loss", default="e_latent_lpips")
     parser.add_argument("--eval-seed", type=int, default=10_000, help="dataset seed of the held-out pairs")
+    parser.add_argument("--quality-prompts", type=int, default=256,
+                        help="prompts the shapes evaluator judges for the report (shapes teacher only)")
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -178,13 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     from distill.evaluate import evaluate
     from distill.export import export_student
 
-    export_student(run, model)
+    _export_once(run, model, export_student)
     evaluation = evaluate(model, heldout, num=args.eval_pairs, teacher_steps=args.teacher_steps)
     _done(began, f"student MSE to teacher targets {evaluation['student_mse']:.4f} vs teacher 1-step "
           f"{evaluation['teacher_1step_mse']:.4f}; {evaluation['speedup_vs_teacher']:.1f}x faster")
     began = _stage("6/6 report")
     grid = comparison_grid(args, model, report_dir)
-    quality = shapes_quality(args, model) if args.teacher == "shapes" else None
+    quality = shapes_quality(args, model, args.quality_prompts) if args.teacher == "shapes" else None
     if quality:
         print("   every attribute right: " + ", ".join(f"{k} {100 * v['accuracy']:.1f}%" for k, v in quality.items()),
               file=sys.stderr, flush=True)

@@ -66,6 +66,10 @@ class CheckpointStore:
         """Steps of the complete checkpoints, oldest first."""
         return sorted(step for step, complete in self._step_folders().items() if complete)
 
+    def incomplete_steps(self) -> list[int]:
+        """Steps whose folder exists without COMPLETE (a save that crashed or is under way), oldest first."""
+        return sorted(step for step, complete in self._step_folders().items() if not complete)
+
     def latest(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
         steps = self.complete_steps()

@@ -39,18 +39,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `distill` with `argv` (default: sys.argv); expected errors print one line and return 2."""
-    from d2g.cli.options import run_command
+    """Run `distill`; exit codes and output conventions as in store.console."""
+    from d2g.cli.quiet import setup_cli_output
     from d2g.teacher.loading import TeacherError
     from distill.checkpoint import CheckpointError
+    from distill.lpips.checkpoints import CheckpointError as LPIPSFileError
     from distill.objectives import ObjectiveError
     from distill.train_config import TrainConfigError
     from distill.trainer import TrainingStopped
-    from store import StoreError
+    from store import StoreError, console
 
-    expected = (TrainConfigError, ObjectiveError, TeacherError, StoreError, CheckpointError, TrainingStopped)
-    return run_command(build_parser(), argv, expected,
-                       "interrupted; re-run the same command to resume from the latest checkpoint")
+    expected = (TrainConfigError, ObjectiveError, TeacherError, StoreError, CheckpointError, LPIPSFileError,
+                TrainingStopped)
+    parser = build_parser()
+    console.add_verbosity_flags(parser)
+    return console.run_command(parser, argv, expected,
+                               "interrupted; re-run the same command to resume from the latest checkpoint",
+                               setup=setup_cli_output)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
-import json
+import argparse
 import sys
 
 from d2g.cli.options import add_model_flags, flag_overrides
 from distill.train_config import TrainConfig, load_train_config
+from store import console
+
+TRAIN_EXAMPLES = """examples:
+  distill train --data ./demo-out/pairs --teacher shapes --out ./runs/d2g --objective d2g --max-steps 400 --no-ray
+  distill train --data ./demo-out/pairs --teacher shapes --out ./runs/d2g-gan --objective d2g --max-steps 2 --no-ray --objective-config '{lambda_gan: 0.1}'
+"""
+EXPORT_EXAMPLES = """examples:
+  distill export ./runs/d2g --out ./student
+"""
+GENERATE_EXAMPLES = """examples:
+  distill generate ./student --prompt "a small red circle in the top left on a black background" --num 2 --out pngs
+"""
 
 
 def _cmd_train(args) -> int:
@@ -18,36 +30,33 @@ def _cmd_train(args) -> int:
     config = load_train_config(args.config, overrides)
     summary = train(config, progress=not args.no_progress)
     if args.json:
-        print(json.dumps(summary, indent=2))
+        console.print_json(summary)
     print(f"distill: {summary['steps']} steps in {summary['seconds']:.1f} s "
           f"({summary['steps_per_second']:.2f} steps/s), resumed from {summary['resumed_from']}; "
-          f"data v{summary['data_version']}; checkpoints in {config.out}/checkpoints", file=sys.stderr)
+          f"data v{summary['data_version']}; checkpoints in {summary['out']}/checkpoints", file=sys.stderr)
     return 0
 
 
 def _cmd_export(args) -> int:
     from distill.export import export_student
 
-    out = export_student(args.run, args.out, step=args.step, use_ema=not args.no_ema)
-    print(json.dumps({"exported": str(out)}) if args.json else f"distill: exported a diffusers pipeline to {out}")
+    info = export_student(args.run, args.out, step=args.step, use_ema=not args.no_ema)
+    if args.json:
+        console.print_json(info)
+    skipped = f" (skipped incomplete step {info['skipped_incomplete_step']})" if info.get("skipped_incomplete_step") else ""
+    print(f"distill: exported step {info['step']} ({info['weights']} weights) of {info['run']}{skipped} "
+          f"as a diffusers pipeline to {info['out']}", file=sys.stderr)
     return 0
 
 
 def _cmd_generate(args) -> int:
-    import torch
+    from distill.export import generate_pngs
 
-    from d2g.teacher.noise import sample_noise
-    from d2g.teacher.vae import decode, latent_shape, to_unit_range
-    from distill.export import load_student, save_pngs, student_latents
-
-    pipe = load_student(args.model)
-    prompts = args.prompt * args.num
-    shape = latent_shape(pipe)
-    noise = torch.stack([sample_noise(args.seed, i, shape) for i in range(len(prompts))])
-    with torch.no_grad():
-        images = to_unit_range(decode(pipe.vae, student_latents(pipe, prompts, noise)))
-    paths = save_pngs(images, args.out)
-    print(json.dumps({"images": paths}) if args.json else "\n".join(paths))
+    paths = generate_pngs(args.model, args.prompt, args.num, args.seed, args.out)
+    if args.json:
+        console.print_json({"images": paths})
+    else:
+        print("\n".join(paths))
     return 0
 
 
@@ -61,24 +70,31 @@ def register(sub) -> None:
     train.add_argument("--config", help="YAML file with any of the options below")
     add_model_flags(train, TrainConfig)
     train.add_argument("--no-ray", action="store_true", help="train in this process (debugging; same as --no-use-ray)")
-    train.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    console.add_json_flag(train)
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train)
 
-    export = sub.add_parser("export", help="export a run's student as a diffusers pipeline folder")
+    export = sub.add_parser("export", help="export a run's student as a diffusers pipeline folder",
+                            description="Write a run's student as a stock diffusers pipeline folder with a model "
+                            "card: the teacher's pipeline with the student's UNet and a one-step scheduler.",
+                            epilog=EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     export.add_argument("run", help="run folder URL (the --out of distill train)")
-    export.add_argument("--out", required=True, help="folder to write the pipeline to")
+    export.add_argument("--out", required=True, help="folder URL to write the pipeline to (local or s3://...); "
+                        "must not exist or be empty")
     export.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     export.add_argument("--no-ema", action="store_true", help="export the raw generator instead of its EMA")
-    export.add_argument("--json", action="store_true")
+    console.add_json_flag(export)
     export.set_defaults(func=_cmd_export)
 
-    gen = sub.add_parser("generate", help="generate PNGs with an exported student in one step")
+    gen = sub.add_parser("generate", help="generate PNGs with an exported student in one step",
+                         description="Generate PNGs with an exported student. Existing files are never overwritten "
+                         "(numbering continues); each PNG records its prompt, seed, noise index, steps and model.",
+                         epilog=GENERATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     gen.add_argument("model", help="exported pipeline folder")
     gen.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
     gen.add_argument("--num", type=int, default=1, help="images per prompt")
     gen.add_argument("--seed", type=int, default=0, help="noise seed (noise i = f(seed, i), as in pairgen)")
-    gen.add_argument("--out", default="generated", help="output folder")
-    gen.add_argument("--json", action="store_true")
+    gen.add_argument("--out", default="generated", help="output folder URL (local or s3://...)")
+    console.add_json_flag(gen)
     gen.set_defaults(func=_cmd_generate)
 

@@ -19,7 +19,7 @@ from d2g.teacher.loading import load_teacher
 from d2g.teacher.solver import SolverSettings, TeacherSolver
 from d2g.teacher.vae import decode, to_unit_range
 from distill.export import STUDENT_INFO, load_student, student_latents
-from store import PairDataset, PairLoader
+from store import PairDataset, PairLoader, console
 
 
 def _held_out(data_url: str, num: int, batch_size: int):
@@ -104,14 +104,14 @@ def register(sub) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--teacher-steps", type=int, default=25, help="teacher steps for the latency baseline")
     parser.add_argument("--lpips-weights", help="LatentLPIPS weights for the perceptual distance (optional)")
-    parser.add_argument("--json", action="store_true")
+    console.add_json_flag(parser)
     parser.set_defaults(func=_cmd_eval)
 
 
 def _cmd_eval(args) -> int:
     report = evaluate(args.model, args.data, args.num, args.batch_size, args.teacher_steps, args.lpips_weights)
     if args.json:
-        print(json.dumps(report, indent=2))
+        console.print_json(report)
     else:
         for key, value in report.items():
             print(f"{key:32s} {value}")

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from distill.objective_config import PACKAGED_LPIPS
+
 
 class MSELoss(nn.Module):
     """Mean squared error per sample."""
@@ -61,9 +63,6 @@ class FrozenPerceptualLoss(nn.Module):
         return self.net(pred, target)
 
 
-# LatentLPIPS weights shipped with the package, by name: `weights="shapes"` is the one for the
-# embedded shapes teacher's VAE (trained by d2g/shapes/lpips_data.py's recipe, docs/RESULTS.md).
-PACKAGED_LPIPS = {"shapes": Path(__file__).parent / "lpips" / "weights" / "shapes.safetensors"}
 
 
 def latent_lpips_options(weights: str) -> dict:

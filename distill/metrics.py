@@ -14,7 +14,8 @@ import fsspec
 class MetricsWriter:
     """Lines accumulate in memory and are written at `flush()` (each checkpoint): local runs append
     to RUN/metrics.jsonl; object stores get the whole file rewritten (no appends on S3).
-    TensorBoard events go to RUN/tensorboard when RUN is local, else to a local temp folder.
+    TensorBoard events go to RUN/tensorboard: written there directly when RUN is local, else written
+    to a local folder and copied to RUN/tensorboard at every flush (TensorBoard reads s3:// itself).
 
     Args:
         run_url: the run folder URL (local or any fsspec URL).
@@ -29,6 +30,7 @@ class MetricsWriter:
         self.pending: list[str] = []
         self.history: list[str] = []
         self._tb = None
+        self._tb_folder: str | None = None
         if enabled:
             self.fs.makedirs(self.root, exist_ok=True)
             if not self.local and self.fs.exists(self._path):
@@ -42,8 +44,9 @@ class MetricsWriter:
         if self._tb is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            folder = os.path.join(self.root, "tensorboard") if self.local else tempfile.mkdtemp(prefix="d2g-tb-")
-            self._tb = SummaryWriter(folder)
+            self._tb_folder = (os.path.join(self.root, "tensorboard") if self.local
+                               else tempfile.mkdtemp(prefix="d2g-tb-"))
+            self._tb = SummaryWriter(self._tb_folder)
         return self._tb
 
     def log(self, step: int, values: dict) -> None:
@@ -82,3 +85,5 @@ class MetricsWriter:
         self.pending = []
         if self._tb is not None:
             self._tb.flush()
+            if not self.local:
+                self.fs.put(self._tb_folder.rstrip("/") + "/", posixpath.join(self.root, "tensorboard"), recursive=True)

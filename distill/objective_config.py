@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -24,6 +25,14 @@ HeadPoint = Literal["before", "skip", "after"]
 HEAD_POINTS: tuple[str, ...] = typing.get_args(HeadPoint)
 # LADD's probabilities of starting a few-step student's training step at each grid timestep.
 LADD_STEP_PROBS = (0.7, 0.1, 0.1, 0.1)
+
+
+# LatentLPIPS weights shipped with the package, by name: `weights="shapes"` is the one for the
+# embedded shapes teachers' VAE (trained by d2g/shapes/lpips_data.py's recipe, docs/RESULTS.md).
+PACKAGED_LPIPS = {"shapes": Path(__file__).parent / "lpips" / "weights" / "shapes.safetensors"}
+# Teachers whose latent space has packaged LatentLPIPS weights (the shapes teachers share one VAE).
+PACKAGED_LPIPS_FOR_TEACHER = {"shapes": "shapes", "shapes-xl": "shapes"}
+LATENT_LPIPS_LOSSES = ("latent_lpips", "e_latent_lpips")
 
 
 class ObjectiveConfig(BaseModel):

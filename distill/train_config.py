@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import (
@@ -15,7 +16,15 @@ from pydantic import (
 )
 
 from d2g.cli.options import build_model
-from distill.objective_config import OBJECTIVE_CONFIGS, ObjectiveConfig, ObjectiveName, parse_objective_config
+from distill.objective_config import (
+    LATENT_LPIPS_LOSSES,
+    OBJECTIVE_CONFIGS,
+    PACKAGED_LPIPS,
+    PACKAGED_LPIPS_FOR_TEACHER,
+    ObjectiveConfig,
+    ObjectiveName,
+    parse_objective_config,
+)
 
 
 class TrainConfigError(ValueError):
@@ -80,6 +89,48 @@ class TrainConfig(BaseModel):
             raise ValueError(f"objective_config holds {type(self.objective_config).__name__} options but objective "
                              f"{self.objective!r} takes {expected.__name__}; set objective_config with objective")
         return self
+
+    @model_validator(mode="after")
+    def _latent_lpips_weights(self) -> TrainConfig:
+        """A LatentLPIPS loss needs the weights of the teacher's latent space: the built-in shapes
+        teachers get the packaged ones; anyone else must name a file, which must exist, so a typo
+        fails here, in one line, not in a Ray worker minutes later."""
+        options = self.objective_config
+        if options.regression_weight == 0 or options.regression_loss not in LATENT_LPIPS_LOSSES:
+            return self
+        kwargs = options.regression_kwargs
+        if kwargs.get("allow_random"):
+            return self
+        weights = kwargs.get("weights")
+        if weights is None:
+            if self.teacher not in PACKAGED_LPIPS_FOR_TEACHER:
+                raise ValueError(
+                    f"objective_config.regression_kwargs.weights: {options.regression_loss} needs the LatentLPIPS "
+                    f"of teacher {self.teacher!r}'s latent space: an official *_latest_vgg16_tuned.pth (sd15, sd21, "
+                    "sdxl, sd3, flux) or one trained with `distill lpips`; e.g. --objective-config "
+                    "'{regression_kwargs: {weights: /path/sd15_latest_vgg16_tuned.pth}}'")
+            options.regression_kwargs = {**kwargs, "weights": PACKAGED_LPIPS_FOR_TEACHER[self.teacher]}
+        return self
+
+    def check_inputs(self) -> None:
+        """What a driver checks before starting Ray or writing to --out: the pair store has a
+        committed version and the LatentLPIPS weights file exists (validation alone cannot: a job
+        config is checked on a machine that may not see the cluster's files). TrainConfigError or
+        StoreError naming the path."""
+        from store import PairStore, parse_url
+
+        root, version = parse_url(self.data)
+        store = PairStore(root)
+        if store.latest_version() is None:
+            raise TrainConfigError(f"--data {self.data}: no committed version of a pair store there "
+                                   "(make one with `pairgen run`)")
+        if version is not None and version not in store.versions():
+            raise TrainConfigError(f"--data {self.data}: no version v{version} (versions: {store.versions()})")
+        weights = self.objective_config.regression_kwargs.get("weights")
+        if (weights is not None and str(weights) not in PACKAGED_LPIPS and "://" not in str(weights)
+                and not os.path.isfile(str(weights))):
+            raise TrainConfigError(f"objective_config.regression_kwargs.weights: LatentLPIPS weights file {weights} "
+                                   "does not exist")
 
 
 def load_train_config(yaml_path: str | None = None, overrides: dict | None = None) -> TrainConfig:

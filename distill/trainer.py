@@ -9,15 +9,18 @@ the optional preview grid.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import xxhash
 
 from d2g.teacher.loading import load_teacher, pick_device
 from distill.checkpoint import CheckpointStore
@@ -39,6 +42,23 @@ def _maybe_die(step: int) -> None:
 
 class TrainingStopped(RuntimeError):
     """Training stopped on purpose (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+def _data_order(micro: list[dict]) -> dict:
+    """What the step read, compactly: a digest of the sample indices in order (equal across runs iff
+    the data order is), and their range."""
+    indices = [int(i) for batch in micro for i in batch["index"]]
+    digest = xxhash.xxh3_64_hexdigest(",".join(map(str, indices)).encode())
+    return {"data/order_xxh3": digest, "data/index_min": min(indices), "data/index_max": max(indices)}
+
+
+def _log_progress(step: int, max_steps: int, rates: dict, logs: dict) -> None:
+    per_second = rates["time/steps_per_second"]
+    eta = (max_steps - step) / per_second if per_second > 0 else float("inf")
+    losses = " ".join(f"{k}={v:.4g}" for k, v in logs.items() if k.endswith("total"))
+    logging.getLogger("distill").info(
+        f"distill: step {step}/{max_steps} {per_second:.2f} steps/s {rates['time/samples_per_second']:.1f} "
+        f"samples/s ETA {eta / 60:.1f} min {losses}")
 
 
 @dataclass
@@ -299,6 +319,16 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
+    def _rates(self, began: float, steps_done: int) -> dict:
+        """Learning rates and throughput since this process started training."""
+        seconds = max(time.perf_counter() - began, 1e-9)
+        rates = {"lr/g": self.opt_g.param_groups[0]["lr"], "time/steps_per_second": steps_done / seconds,
+                 "time/samples_per_second": steps_done * self.config.batch_size * self.config.grad_accum
+                 * self.world_size / seconds}
+        if self.opt_d is not None:
+            rates["lr/d"] = self.opt_d.param_groups[0]["lr"]
+        return rates
+
     def run(self, progress: bool = True) -> TrainSummary:
         """Train until config.max_steps, logging, previewing and checkpointing on schedule; a
         progress bar on rank 0 if `progress`. Raises TrainingStopped on a non-finite loss."""
@@ -307,8 +337,12 @@ class Trainer:
         c = self.config
         began = time.perf_counter()
         batches = self._batches()
+        # A bar where a person watches a terminal; elsewhere (Ray workers, CI logs, files) a plain
+        # log line every log_every steps, with rate and ETA.
+        bar_visible = progress and self.rank == 0 and sys.stderr.isatty()
+        first_step = self.step
         bar = tqdm(total=c.max_steps, initial=self.step, unit="step", desc=f"distill {c.objective}",
-                   disable=not progress or self.rank != 0, dynamic_ncols=True)
+                   disable=not bar_visible, dynamic_ncols=True)
         try:
             while self.step < c.max_steps:
                 micro = [next(batches) for _ in range(c.grad_accum)]
@@ -325,7 +359,10 @@ class Trainer:
                 bar.update(1)
                 if self.step % c.log_every == 0 or self.step == c.max_steps:
                     bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.endswith("total")})
-                    self.metrics.log(self.step, {**logs, "data/indices": [int(i) for b in micro for i in b["index"]]})
+                    rates = self._rates(began, self.step - first_step)
+                    self.metrics.log(self.step, {**logs, **rates, **_data_order(micro)})
+                    if not bar_visible and self.rank == 0 and progress:
+                        _log_progress(self.step, c.max_steps, rates, logs)
                 if c.preview_every and self.step % c.preview_every == 0 and self.rank == 0:
                     from distill.preview import write_preview
 

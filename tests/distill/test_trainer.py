@@ -53,7 +53,7 @@ def test_resume_reproduces_the_uninterrupted_run(pairs, sd15_teacher, tmp_path):
     assert resumed.resumed_from == 3 and resumed.steps == 6
     a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
     for step in (4, 5, 6):
-        assert a[step]["data/indices"] == b[step]["data/indices"], step
+        assert a[step]["data/order_xxh3"] == b[step]["data/order_xxh3"], step
         for key in ("g/total", "d/total"):
             assert a[step][key] == pytest.approx(b[step][key], rel=1e-5, abs=1e-7), (step, key)
     assert straight.rank_weight_hashes == resumed.rank_weight_hashes
@@ -74,7 +74,7 @@ def test_sigkill_between_checkpoints_then_resume(pairs, sd15_teacher, tmp_path):
     assert summary["resumed_from"] == 3 and summary["steps"] == 7
     ref, run = _metrics(tmp_path / "ref"), _metrics(tmp_path / "run")
     for step in (4, 5, 6, 7):
-        assert run[step]["data/indices"] == ref[step]["data/indices"], step
+        assert run[step]["data/order_xxh3"] == ref[step]["data/order_xxh3"], step
     assert summary["rank_weight_hashes"] == reference.rank_weight_hashes
 
 
@@ -120,7 +120,9 @@ def test_export_loads_in_stock_diffusers_and_matches_generate(pairs, sd15_teache
     from diffusers import DiffusionPipeline
 
     Trainer(_config(pairs, sd15_teacher, tmp_path / "run", max_steps=3)).run(progress=False)
-    folder = export_student(str(tmp_path / "run"), str(tmp_path / "export"))
+    info = export_student(str(tmp_path / "run"), str(tmp_path / "export"))
+    folder = tmp_path / "export"
+    assert info["step"] == 3 and (folder / "README.md").read_text().startswith("---\nlibrary_name: diffusers")
     stock = DiffusionPipeline.from_pretrained(folder)
     stock.set_progress_bar_config(disable=True)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -220,7 +222,7 @@ def test_a_newer_version_is_picked_up_at_an_epoch_boundary(ray_local, sd15_teach
     summary = trainer.run(progress=False)
     assert summary.data_version == 2
     seen = _metrics(tmp_path / "run")
-    assert max(max(seen[s]["data/indices"]) for s in range(1, 5)) < 16, "epoch 0 reads v1"
+    assert max(seen[s]["data/index_max"] for s in range(1, 5)) < 16, "epoch 0 reads v1"
     assert trainer.dataset.num_samples == 24 and trainer.dataset.epoch == 1, "epoch 1 streams v2"
     assert len(opened) == 1, "the trainer opens the store once, new versions included"
     with pytest.raises(TrainingStopped, match="already holds checkpoints"):
