@@ -112,23 +112,3 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> 
 def flag_overrides(args: argparse.Namespace, model: type[BaseModel]) -> dict:
     """The model's fields that were given as flags (argparse leaves the others None)."""
     return {name: getattr(args, name) for name in model.model_fields if getattr(args, name, None) is not None}
-
-
-def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, expected: tuple[type[BaseException], ...],
-                interrupted: str = "interrupted") -> int:
-    """Parse, dispatch to the subcommand's `func`, and turn expected errors into one line + exit 2
-    (a traceback is for bugs, not for a bad option or a missing file)."""
-    import sys
-
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0 if getattr(args, "command", None) is None else 2
-    try:
-        return int(args.func(args) or 0)
-    except expected as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: {interrupted}", file=sys.stderr)
-        return 130
