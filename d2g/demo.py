@@ -28,6 +28,8 @@ def _done(began: float, what: str) -> None:
 
 
 def generate_pairs(args, out: str, prompts: str, num_pairs: int, seed: int):
+    """Run pairgen: `num_pairs` pairs of `prompts` with dataset seed `seed` into `out`, teacher and
+    batching from `args`. Finished shards are reused. Returns the RunSummary."""
     from pairgen.config import load_config
     from pairgen.runner import PairgenRun
 
@@ -39,6 +41,8 @@ def generate_pairs(args, out: str, prompts: str, num_pairs: int, seed: int):
 
 
 def verify(url: str) -> dict:
+    """Verify every shard of the latest version at `url`; exits the demo on a problem, else returns
+    the version and its shard and pair counts."""
     from store import PairStore
     from store.verify import verify_version
 
@@ -51,6 +55,8 @@ def verify(url: str) -> dict:
 
 
 def train_student(args, pairs: str, run: str) -> dict:
+    """Train the d2g objective from the pairs at `pairs` into the run folder `run`, in this process
+    (resuming from its latest checkpoint); returns the training summary."""
     from distill.ray_launch import train
     from distill.train_config import load_train_config
 
@@ -132,6 +138,8 @@ def _export_once(run: str, model: str, export_student) -> None:
 
 
 def write_report(report_dir: Path, sections: dict) -> Path:
+    """Write REPORT.md (evaluation, evaluator quality, grid, stage summaries) into `report_dir`;
+    returns its path."""
     lines = ["# d2g demo report", "", f"Teacher: `{sections['teacher']}`. Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", ""]
     lines += ["## Held-out evaluation (`distill eval`)", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.5g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sections["eval"].items()]
@@ -149,6 +157,7 @@ def write_report(report_dir: Path, sections: dict) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m d2g.demo`: the six stages in order; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo-out", help="folder for pairs, the run, the export and the report")
     parser.add_argument("--teacher", default="shapes", help="teacher (default: the embedded shapes teacher)")

@@ -21,7 +21,8 @@ class ConditioningError(ValueError):
 
 @dataclass
 class Conditioning:
-    """Everything a diffusers UNet2DConditionModel needs besides the sample and the timestep."""
+    """Everything a diffusers UNet2DConditionModel needs besides the sample and the timestep: the
+    text encoder's `prompt_embeds`, and for SDXL-type UNets the `pooled` embedding and `time_ids`."""
 
     prompt_embeds: torch.Tensor  # [B, L, D]
     pooled: torch.Tensor | None = None  # [B, P] (SDXL-type UNets only)

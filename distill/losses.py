@@ -45,7 +45,7 @@ class PseudoHuberLoss(nn.Module):
 
 
 class FrozenPerceptualLoss(nn.Module):
-    """Wrap a perceptual network as a frozen loss: eval mode always (batch-norm running stats, no
+    """Wrap a perceptual network `net` as a frozen loss: eval mode always (batch-norm running stats, no
     head dropout), no parameter gradients; gradients still flow to `pred`."""
 
     def __init__(self, net: nn.Module) -> None:

@@ -110,6 +110,17 @@ class D2GConfig(AdversarialConfig):
     d2g_head_points: tuple[HeadPoint, ...] = Field(HEAD_POINTS, description="where readout heads tap each scale")
     d2g_timestep: int = Field(0, ge=0, description="timestep the discriminator UNet is evaluated at")
 
+    @model_validator(mode="after")
+    def _one_step(self) -> D2GConfig:
+        # A d2g student regresses the ODE's end point from pure noise; for a few-step student the
+        # intermediate inputs would have to come from the teacher's trajectory, or the
+        # discriminator's noise condition becomes the re-noised target itself (the real sample).
+        if self.student_steps != 1:
+            raise ValueError(f"student_steps={self.student_steps}: d2g trains one-step students (few-step d2g "
+                             "needs the teacher's trajectory as targets, issue #17); use add or regression for "
+                             "a few-step student")
+        return self
+
 
 class ADDConfig(AdversarialConfig):
     """`add` (ADD, latent form as in LADD): hinge GAN on frozen teacher features plus score

@@ -34,7 +34,7 @@ def train_on_ray(config: TrainConfig) -> dict:
     from d2g.cli.ray_start import ensure_ray
 
     ray = ensure_ray()
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
@@ -47,7 +47,8 @@ def train_on_ray(config: TrainConfig) -> dict:
         os.path.join(config.out, "ray_train") if local_out else tempfile.mkdtemp(prefix="d2g-ray-train-"))
     name = f"distill-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     trainer = TorchTrainer(_worker_loop, train_loop_config=config.model_dump(mode="json"), scaling_config=scaling,
-                           run_config=RunConfig(storage_path=storage, name=name))
+                           run_config=RunConfig(storage_path=storage, name=name,
+                                                failure_config=FailureConfig(max_failures=config.max_failures)))
     try:
         trainer.fit()
     finally:

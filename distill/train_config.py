@@ -63,6 +63,8 @@ class TrainConfig(BaseModel):
     use_ray: bool = Field(True, description="run through Ray Train (TorchTrainer); --no-ray runs in this process")
     use_gpu: bool | None = Field(None, description="give each worker a GPU (default: when the cluster has GPUs)")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per Ray Train worker")
+    max_failures: int = Field(3, ge=0, description="Ray Train restarts of the worker group after a worker or node "
+                              "dies; each restart resumes from the latest complete checkpoint in --out")
     threads: int = Field(0, ge=0, description="torch CPU threads per worker (0: torch's default)")
     data_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
     shuffle_block: int = Field(1024, gt=0, description="samples shuffled together in the pair stream")

@@ -9,7 +9,6 @@ the optional preview grid.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import random
 import signal
@@ -56,16 +55,18 @@ def _log_progress(step: int, max_steps: int, rates: dict, logs: dict) -> None:
     per_second = rates["time/steps_per_second"]
     eta = (max_steps - step) / per_second if per_second > 0 else float("inf")
     losses = " ".join(f"{k}={v:.4g}" for k, v in logs.items() if k.endswith("total"))
-    logging.getLogger("distill").info(
+    # print, not logging: Ray Train workers forward stdout/stderr but have no logging handler of ours.
+    print(
         f"distill: step {step}/{max_steps} {per_second:.2f} steps/s {rates['time/samples_per_second']:.1f} "
-        f"samples/s ETA {eta / 60:.1f} min {losses}")
+        f"samples/s ETA {eta / 60:.1f} min {losses}", file=sys.stderr, flush=True)
 
 
 @dataclass
 class TrainSummary:
-    """What a run did: run folder, last step, the step it resumed from, wall time, samples seen
-    (all ranks), last logged losses, data version, skipped corrupt shards, and each rank's
-    generator weight digest (equal on every rank when DDP kept them in sync)."""
+    """What a run did: run folder `out`, last step `steps`, the step it `resumed_from`, wall time
+    `seconds`, `samples_seen` (all ranks), `last_logs` (the last logged losses), `data_version`,
+    `skipped_shards` (corrupt ones), and `rank_weight_hashes`: each rank's generator weight digest
+    (equal on every rank when DDP kept them in sync)."""
 
     out: str
     steps: int = 0

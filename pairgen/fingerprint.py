@@ -50,6 +50,8 @@ def teacher_identity(teacher: str) -> str:
 
 
 def build_fingerprint(config: GenerationConfig, prompts: PromptSource) -> dict:
+    """The fingerprint of a run of `config` over `prompts`: teacher identity, pinned solver settings,
+    resolution, noise rule, prompt source digest and shard layout (JSON-ready)."""
     return {
         "fingerprint_version": FINGERPRINT_VERSION,
         "teacher": {"name": teacher_identity(config.teacher), "revision": config.revision, "dtype": config.dtype},

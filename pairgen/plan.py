@@ -9,7 +9,9 @@ from store import ShardInfo, layout
 
 @dataclass(frozen=True)
 class ShardTask:
-    """One shard to generate: samples [start, stop) under `name`, with their prompts.
+    """One shard to generate: shard number `shard`, written under `name`, holding samples
+    [`start`, `stop`) with their `prompts`. `attempt` counts earlier failed tries (the runner gives
+    up after max_retries).
 
     `repair` is the manifest's record when the shard is committed but its files are damaged: the
     worker then regenerates it beside them and replaces them only if the bytes come out identical.

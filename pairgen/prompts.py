@@ -24,6 +24,17 @@ class PromptSourceError(ValueError):
 
 @dataclass
 class PromptSource:
+    """The usable prompts of one source; sample j gets prompts[j % len(prompts)].
+
+    Args:
+        url: where the prompts were read from.
+        prompts: the non-empty prompts, stripped, in source order (none: PromptSourceError).
+        empty_skipped: empty or missing prompts left out while reading.
+        column: the column / JSON key read; None for .txt and shapes:// sources.
+
+    `content_xxh3`, derived from `prompts`, lets the fingerprint detect a changed source.
+    """
+
     url: str
     prompts: list[str]
     empty_skipped: int = 0
@@ -43,9 +54,11 @@ class PromptSource:
         return len(self.prompts)
 
     def prompt_for(self, index: int) -> str:
+        """The prompt of sample `index`: prompts[index % len(prompts)]."""
         return self.prompts[index % len(self.prompts)]
 
     def prompts_for(self, start: int, stop: int) -> list[str]:
+        """The prompts of samples start..stop-1, by the rule of `prompt_for`."""
         return [self.prompt_for(j) for j in range(start, stop)]
 
     def describe(self) -> dict:

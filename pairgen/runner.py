@@ -57,7 +57,11 @@ class RunError(RuntimeError):
 
 @dataclass
 class RunSummary:
-    """What a run did, for the CLI's summary line and `--json`."""
+    """What a run did, for the CLI's summary line and `--json`: its `out` root and `version`; the
+    plan (`num_pairs`, `num_shards`, `workers`); the work (`shards_generated`, `shards_reused`,
+    `shards_repaired`, `pairs_generated`, `bytes_written`, `seconds` of wall time, `worker_seconds`
+    of actor time); the trouble (`retries`, `actors_replaced`, `truncated_prompts`,
+    `empty_prompts_skipped`)."""
 
     out: str
     num_pairs: int = 0
@@ -77,6 +81,7 @@ class RunSummary:
     shards_repaired: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
+        """The summary as JSON-ready values, with the derived rates (pairs/s, per worker, per busy second)."""
         data = dict(self.__dict__)
         data["pairs_per_second"] = self.pairs_generated / self.seconds if self.seconds else 0.0
         data["pairs_per_second_per_worker"] = data["pairs_per_second"] / max(self.workers, 1)
@@ -124,10 +129,12 @@ class _ActorPool:
         return self._remote.remote(self.config.model_dump(), self.config.threads_per_worker)
 
     def free_slot(self) -> int | None:
+        """The least loaded actor's slot if it has room for another queued shard, else None."""
         best = min(range(len(self.actors)), key=lambda i: self.load[i])
         return best if self.load[best] < self.depth else None
 
     def replace(self, slot: int) -> None:
+        """Kill the actor in `slot` (if it still lives) and start a fresh one there."""
         try:
             self.ray.kill(self.actors[slot], no_restart=True)
         except Exception:
@@ -137,6 +144,7 @@ class _ActorPool:
         self.replaced += 1
 
     def shutdown(self) -> None:
+        """Kill every actor; their unfinished shards are redone by the next run."""
         for actor in self.actors:
             try:
                 self.ray.kill(actor, no_restart=True)
@@ -157,6 +165,9 @@ def _validate_against_store(st: PairStore, config: GenerationConfig, fingerprint
 
 
 class PairgenRun:
+    """One `pairgen run`: validates against the store, plans shards, dispatches the missing ones to
+    teacher actors, and commits versions. Use `PairgenRun(config).run()`."""
+
     def __init__(self, config: GenerationConfig, progress: bool = True, log=None):
         """Read the prompts and build the fingerprint; nothing is written and Ray is not started.
 
@@ -226,6 +237,8 @@ class PairgenRun:
         return manifest.version
 
     def run(self) -> RunSummary:
+        """Generate what the store lacks (resuming, extending or repairing) and commit it; returns
+        the summary. RunError, StoreError or TeacherError for what the user must fix."""
         # Everything a user can get wrong is checked here, before Ray starts and before the first
         # byte is written to --out (the prompts were read in __init__).
         check_teacher(self.config.teacher, self.config.revision)
@@ -307,6 +320,9 @@ class PairgenRun:
             bar.close()
             self.summary.actors_replaced = pool.replaced
             pool.shutdown()
+            # Killed actors leave their shard's temp files behind; the shards are redone next run.
+            for _, task in inflight.values():
+                self.store.discard_partial_shard(task.name)
 
     def _retry(self, task: ShardTask, pending: deque, reason: str) -> None:
         if task.attempt >= self.config.max_retries:
@@ -326,4 +342,5 @@ class PairgenRun:
 
 
 def run(config: GenerationConfig, progress: bool = True) -> RunSummary:
+    """`PairgenRun(config, progress).run()`."""
     return PairgenRun(config, progress=progress).run()

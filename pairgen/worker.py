@@ -39,6 +39,7 @@ def _maybe_crash(shard: int, batches_done: int) -> None:
 
 
 def solver_settings(config: GenerationConfig) -> SolverSettings:
+    """The solver options of `config`, as TeacherSolver takes them."""
     return SolverSettings(
         scheduler=config.scheduler, steps=config.steps, timestep_spacing=config.timestep_spacing,
         guidance=config.guidance, guidance_rescale=config.guidance_rescale,
@@ -48,7 +49,8 @@ def solver_settings(config: GenerationConfig) -> SolverSettings:
 
 
 class _BackgroundWriter:
-    """Feeds a shard writer from a bounded queue on its own thread (back-pressure: 2 batches)."""
+    """Feeds `writer` (an open shard writer) from a bounded queue on its own thread
+    (back-pressure: 2 batches), so writing overlaps with the next solve."""
 
     def __init__(self, writer):
         self.writer = writer
@@ -71,11 +73,13 @@ class _BackgroundWriter:
                 self.error = err
 
     def put(self, samples: list[dict]) -> None:
+        """Queue one batch of samples (blocks while 2 wait); re-raises an earlier failed write."""
         if self.error is not None:
             raise self.error
         self.queue.put(samples)
 
     def finish(self) -> None:
+        """Write what is queued, stop the thread, and re-raise a write that failed."""
         self.queue.put(None)
         self.thread.join()
         if self.error is not None:
@@ -83,6 +87,13 @@ class _BackgroundWriter:
 
 
 class ShardGenerator:
+    """Loads the teacher once, then solves and writes whole shards (the runner's Ray actor).
+
+    Args:
+        config: the run's GenerationConfig, or its model_dump() (what Ray ships to an actor).
+        threads: torch CPU threads for this process; None or 0 keeps torch's setting.
+    """
+
     def __init__(self, config: dict | GenerationConfig, threads: int | None = None):
         quiet_third_party()
         self.config = config if isinstance(config, GenerationConfig) else GenerationConfig(**config)
@@ -96,6 +107,7 @@ class ShardGenerator:
                                      for name, (dtype, shape) in self.solver.schema().items()})
 
     def ping(self) -> str:
+        """Returns "ok": a cheap remote call that answers once the actor has loaded its teacher."""
         return "ok"
 
     def _samples(self, task: ShardTask, indices: list[int], prompts: list[str], arrays: dict) -> list[dict]:

@@ -19,6 +19,7 @@ import traceback
 from collections.abc import Callable
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+OUR_LOGGERS = ("store", "pairgen", "distill", "d2g")
 JSON_HELP = "print the result as JSON on stdout (messages stay on stderr)"
 
 
@@ -68,8 +69,10 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None,
     """
     args = parser.parse_args(argv)
     verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
-                        format="%(message)s", stream=sys.stderr)
+    # Our own loggers (named after the CLIs) speak at INFO; libraries only at WARNING, or DEBUG with -v.
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
+    for name in OUR_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE

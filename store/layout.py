@@ -158,6 +158,11 @@ def manifest_path(root: str, version: int) -> str:
     return posixpath.join(versions_dir(root), manifest_file(version))
 
 
+def is_temp_of(file_name: str, target_name: str) -> bool:
+    """Whether `file_name` is a `temp_path` of a file named `target_name` (in the same folder)."""
+    return file_name.startswith(f"{HIDDEN_PREFIX}{target_name}.tmp-")
+
+
 def temp_path(path: str) -> str:
     """A fresh hidden sibling of `path` to write before publishing it: `.NAME.tmp-<pid>-<rand>`.
     The pid and random part keep concurrent writers of the same target apart."""

@@ -257,6 +257,23 @@ class PairStore:
         destination = ShardDestination.in_root(self.fs, self.root, name, functools.partial(self._claim_shard, name))
         return ShardWriter(destination, name, schema)
 
+    def discard_partial_shard(self, name: str) -> int:
+        """Remove the temp files of an unfinished write of shard `name` (its writer was killed, so
+        it could not clean up). Only for writers known to be dead: a live writer's file would go too.
+        Returns the number of files removed. (An object store keeps no such files: an unfinished
+        upload never appears.)"""
+        removed = 0
+        for folder, target in ((layout.shards_dir(self.root), posixpath.basename(layout.tar_path(self.root, name))),
+                               (layout.index_dir(self.root), posixpath.basename(layout.index_path(self.root, name)))):
+            for file_name in self._list(folder):
+                if layout.is_temp_of(file_name, target):
+                    try:
+                        self.fs.rm_file(posixpath.join(folder, file_name))
+                        removed += 1
+                    except FileNotFoundError:
+                        pass
+        return removed
+
     def damaged_shards(self, version: int | None = None) -> list[tuple[ShardInfo, str]]:
         """The committed shards of a version (default: the latest) whose files no longer match its
         manifest (missing, truncated, or an index with other contents), each with what is wrong.

@@ -94,3 +94,39 @@ def test_pairgen_status_json_and_relative_out(tmp_path, sd15_teacher):
     status = _run("pairgen", "status", "rel/pairs", "--json", cwd=tmp_path)
     assert status.returncode == 0 and status.stdout.startswith("{\n  ")
     assert json.loads(status.stdout)["committed_pairs"] == 4
+
+
+def test_interrupted_pairgen_leaves_no_temp_files(tmp_path, sd15_teacher):
+    """Ctrl-C mid-shard: exit 130, finished shards committed, no half-written temp file left behind."""
+    import signal
+    import time
+
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    out = tmp_path / "pairs"
+    proc = subprocess.Popen([str(BIN / "pairgen"), "run", "--teacher", str(sd15_teacher), "--prompts", "p.txt",
+                             "--out", str(out), "--num-pairs", "64", "--shard-size", "16", "--steps", "20",
+                             "--batch-size", "2", "--no-progress"], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not any(p.name.startswith(".") for p in (out / "shards").glob(".*")) if (out / "shards").exists() else True:
+        assert proc.poll() is None and time.monotonic() < deadline, "no shard was ever being written"
+        time.sleep(0.05)  # polling for a file to appear, not waiting for time to pass
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "re-run the same command" in stderr
+    leftovers = [p.name for folder in ("shards", "index") for p in (out / folder).glob(".*")]
+    assert leftovers == []
+
+
+def test_distill_user_errors_are_one_line(tmp_path, sd15_teacher):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    missing = tmp_path / "no-pairs"
+    _one_line_error(_run("distill", "train", "--data", str(missing), "--teacher", str(sd15_teacher), "--out",
+                         str(tmp_path / "run"), "--no-ray"), str(missing))
+    _one_line_error(_run("distill", "train", "--teacher", str(sd15_teacher), "--objective", "d2g"),
+                    "regression_kwargs.weights")
+    _one_line_error(_run("distill", "train", "--teacher", str(sd15_teacher), "--objective-config",
+                         "{regression_loss: e_latent_lpips, regression_kwargs: {weights: /no/such.pth}}",
+                         "--data", str(missing)), str(missing))
+    _one_line_error(_run("distill", "export", str(tmp_path / "no-run"), "--out", str(tmp_path / "x")), "no-run")

@@ -39,6 +39,7 @@ SUBSTITUTIONS: list[tuple[str, str]] = [
     (r"stable-diffusion-v1-5/stable-diffusion-v1-5", "{sd15}"),
     (r"--num-pairs 3000000", "--num-pairs 16"),
     (r"--num-pairs 4000000", "--num-pairs 32"),
+    (r"--num-pairs 10000", "--num-pairs 8"),
     (r"--shard-size 1024", "--shard-size 8"),
     (r"--steps 50\b", "--steps 2"),
     (r"--dtype fp16", "--dtype fp32"),
@@ -165,8 +166,20 @@ PROMPT_FILES = ("coco.txt", "prompts/coco2014_train_captions.txt", "prompts/coco
 
 
 @pytest.fixture(scope="module")
-def doc_env(tmp_path_factory, s3_endpoint, sd15_teacher, sdxl_teacher):
-    """What the documents assume exists: the user's bucket with their caption files, the calibrated
+def doc_envs(tmp_path_factory, s3_endpoint, sd15_teacher, sdxl_teacher):
+    """One environment per document, made on first use: each document is read on its own, in order."""
+    envs: dict[str, tuple] = {}
+
+    def get(source: str) -> tuple:
+        if source not in envs:
+            envs[source] = _doc_env(tmp_path_factory, sd15_teacher, sdxl_teacher)
+        return envs[source]
+
+    return get
+
+
+def _doc_env(tmp_path_factory, sd15_teacher, sdxl_teacher):
+    """What a document assumes exists: the user's bucket with their caption files, the calibrated
     LatentLPIPS file a job config names, the jobs/ folder; our CLIs on PATH, no GPU, no hub."""
     import uuid
 
@@ -202,8 +215,8 @@ def test_skipped_blocks_say_why(block):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("block", RUNNABLE, ids=[b.id for b in RUNNABLE])
-def test_documented_block_runs_as_written(block, doc_env):
-    cwd, env, values = doc_env
+def test_documented_block_runs_as_written(block, doc_envs):
+    cwd, env, values = doc_envs(block.source)
     script = substitute(block.text, values)
     result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=600)

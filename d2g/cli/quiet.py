@@ -15,7 +15,8 @@ _NOISY_WARNINGS = (
     (UserWarning, r".*local_dir_use_symlinks.*"),
     (DeprecationWarning, r".*"),
 )
-_NOISY_LOGGERS = ("diffusers", "transformers", "huggingface_hub", "urllib3", "botocore", "s3fs", "fsspec")
+_NOISY_LOGGERS = ("diffusers", "transformers", "huggingface_hub", "urllib3", "botocore", "aiobotocore", "s3fs",
+                  "fsspec", "ray", "filelock")
 VERBOSE_ENV = "D2G_VERBOSE"  # inherited by Ray workers, so actors follow the driver's -v
 
 

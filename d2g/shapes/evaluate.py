@@ -34,12 +34,15 @@ PROMPT_SEED, REAL_SEED_A, REAL_SEED_B, HELDOUT_SEED = 101, 2001, 3001, 4001
 
 
 def real_set(seed: int, n: int, split: str = "train") -> tuple[np.ndarray, list[world.Attributes]]:
+    """`n` real world images of `split` from world seed `seed`, with their attributes."""
     images, _, attrs = world.batch(seed, 0, n, split)
     return images, attrs
 
 
 @torch.no_grad()
 def vae_reconstruction_accuracy(pipe, judge: Evaluator, n: int) -> dict[str, float]:
+    """Attribute accuracy of the teacher VAE's reconstructions of `n` real held-out-combination
+    images: what the VAE alone loses, a ceiling for the teacher."""
     images, attrs = real_set(HELDOUT_SEED, n, "heldout")
     x = world.to_tensor(images)
     recon = torch.cat([decode(pipe.vae, encode(pipe.vae, c)) for c in x.split(256)])
@@ -109,6 +112,7 @@ def evaluate_teacher(teacher: str | Path = sampling.TEACHER_PATH, evaluator: str
 
 
 def main(argv=None) -> int:
+    """`python -m d2g.shapes.evaluate`: print the report (as JSON with --json); returns the exit code."""
     ap = argparse.ArgumentParser(prog="python -m d2g.shapes.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", type=Path, default=sampling.TEACHER_PATH)

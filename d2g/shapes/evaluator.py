@@ -23,6 +23,14 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 class ShapesCNN(nn.Module):
+    """The judge's network: a conv trunk to penultimate features and one linear head per attribute axis.
+
+    Args:
+        widths: channels of the three conv stages.
+        feature_dim: size of the features (those the Fréchet distance and diversity use).
+        classes: classes per head; default: one head per axis of world.ATTRIBUTES.
+    """
+
     def __init__(self, widths: tuple[int, int, int] = (32, 64, 128), feature_dim: int = 128,
                  classes: tuple[int, ...] | None = None):
         super().__init__()
@@ -40,6 +48,7 @@ class ShapesCNN(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(feature_dim, n) for n in classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Images [N, 3, 32, 32] in [-1, 1] -> (features [N, feature_dim], logits per attribute axis)."""
         features = self.trunk(x)
         return features, [head(features) for head in self.heads]
 
@@ -62,7 +71,12 @@ def as_input(images) -> torch.Tensor:
 
 
 class Evaluator:
-    """The trained judge. `Evaluator.load()` reads the packaged weights."""
+    """The trained judge. `Evaluator.load()` reads the packaged weights.
+
+    Args:
+        model: the trained ShapesCNN (kept in eval mode, frozen).
+        config: its description (widths, feature_dim, attribute vocabulary), saved beside the weights.
+    """
 
     def __init__(self, model: ShapesCNN, config: dict):
         self.model = model.eval().requires_grad_(False)
@@ -70,6 +84,8 @@ class Evaluator:
 
     @classmethod
     def load(cls, path: str | Path = DEFAULT_PATH) -> Evaluator:
+        """Read an evaluator saved by `save`; refuses one trained on another attribute vocabulary
+        than d2g.shapes.world."""
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -87,6 +103,7 @@ class Evaluator:
         return cls(model, config)
 
     def save(self, path: str | Path) -> None:
+        """Write weights and config to the folder `path` (see `save_evaluator`)."""
         save_evaluator(self.model, self.config, path)
 
     @torch.no_grad()
@@ -104,6 +121,7 @@ class Evaluator:
         return self._run(images)[0]
 
     def predict(self, images) -> list[world.Attributes]:
+        """The attributes the judge sees in each image (any format `as_input` accepts)."""
         preds = self._run(images)[1]
         axes = list(world.ATTRIBUTES.values())
         return [world.Attributes(*(axes[i][int(v)] for i, v in enumerate(row))) for row in preds]
@@ -121,6 +139,8 @@ class Evaluator:
 
 
 def save_evaluator(model: ShapesCNN, config: dict, path: str | Path) -> None:
+    """Write `model`'s weights (safetensors) and `config` (JSON) to the folder `path`, creating it;
+    `Evaluator.load` reads them back."""
     from safetensors.torch import save_file
 
     path = Path(path)

@@ -90,6 +90,7 @@ def load_vae(teacher: str | Path | None = None):
 
 
 def latent_shape(vae) -> tuple[int, int, int]:
+    """(channels, height, width) of the latent `vae` makes of a world image."""
     # Each down block but the last halves the resolution (SD's layout; 32 -> 8 for the shapes VAE).
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     side = world.IMAGE_SIZE // factor
@@ -176,12 +177,21 @@ def build_labelled(
 
 @dataclass(frozen=True)
 class Distortion:
+    """One distortion of a 2AFC triplet; applying it is a pure function of these fields.
+
+    Args:
+        kind: one of KINDS.
+        amount: kind-specific strength, within AMOUNTS[kind].
+        seed: the distortion's own randomness: noise pattern, shift, re-render jitter.
+    """
+
     kind: str
-    amount: float  # kind-specific strength (see AMOUNTS)
-    seed: int  # the distortion's own randomness: noise pattern, shift, re-render jitter
+    amount: float
+    seed: int
 
 
 def sample_distortion(rng: np.random.Generator) -> Distortion:
+    """A uniformly chosen kind, an amount uniform in AMOUNTS[kind] and a seed, all drawn from `rng`."""
     kind = KINDS[int(rng.integers(len(KINDS)))]
     low, high = AMOUNTS[kind]
     return Distortion(kind, float(rng.uniform(low, high)), int(rng.integers(2**31)))
@@ -261,6 +271,17 @@ def judge_probability(d0: torch.Tensor, d1: torch.Tensor, temperature: float) ->
 
 @dataclass
 class TripletBatch:
+    """2AFC triplets with the evaluator's distances, before they become judgements.
+
+    Args:
+        ref: latents of the clean images [N, 4, 8, 8].
+        p0: latents of each ref's first distortion [N, 4, 8, 8].
+        p1: latents of each ref's second distortion [N, 4, 8, 8].
+        d0: evaluator feature distance of decoded p0 to decoded ref [N].
+        d1: the same for p1 [N].
+        kinds: (kind of p0, kind of p1) per triplet.
+    """
+
     ref: torch.Tensor
     p0: torch.Tensor
     p1: torch.Tensor
@@ -454,6 +475,8 @@ def _describe(s: dict, seconds: float) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m d2g.shapes.lpips_data labelled|triplets`: build one folder and print its summary;
+    returns the exit code (2 for a bad argument or a non-empty --out)."""
     args = _parser().parse_args(argv)
     started = time.time()
     try:

@@ -87,6 +87,7 @@ def build_tokenizer(folder: str | Path):
 
 
 def build_text_encoder(tokenizer, seed: int = 0):
+    """The frozen random CLIP text encoder (TEXT_CONFIG) for `tokenizer`'s vocabulary, from `seed`."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -108,6 +109,7 @@ def build_text_encoder_2(tokenizer, seed: int = 1):
 
 
 def build_vae(seed: int = 0):
+    """A fresh AutoencoderKL of VAE_CONFIG, initialised from `seed`."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -115,6 +117,7 @@ def build_vae(seed: int = 0):
 
 
 def build_unet(seed: int = 0, layout: str = "sd"):
+    """A fresh UNet2DConditionModel of `layout` ("sd" or "sdxl"), initialised from `seed`."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -122,6 +125,7 @@ def build_unet(seed: int = 0, layout: str = "sd"):
 
 
 def build_scheduler():
+    """The shapes teachers' DDIMScheduler, every sampling kwarg pinned (DDIM_KWARGS)."""
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(**DDIM_KWARGS)

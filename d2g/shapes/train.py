@@ -112,6 +112,8 @@ def _loop(stage: str, steps: int, start: int, step_fn, save_fn, every: int, stop
 # ---- evaluator -------------------------------------------------------------------------------
 
 def train_evaluator(args) -> dict:
+    """Stage evaluator: train the attribute CNN, check it on held-out-combination images and save
+    it to OUT/evaluator; returns the stage summary."""
     torch.manual_seed(args.seed)
     model = ev.ShapesCNN()
     opt = torch.optim.AdamW(model.parameters(), lr=LR["evaluator"], weight_decay=1e-4)
@@ -166,6 +168,8 @@ def train_evaluator(args) -> dict:
 # ---- vae -------------------------------------------------------------------------------------
 
 def train_vae(args) -> dict:
+    """Stage vae: train the AutoencoderKL on world images and save it to WORKDIR/vae; returns the
+    stage summary."""
     vae = models.build_vae(args.seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=LR["vae"], weight_decay=0.0)
     ckpt_path = args.workdir / "vae.ckpt"
@@ -206,6 +210,9 @@ def train_vae(args) -> dict:
 
 @torch.no_grad()
 def encode_latents(args) -> dict:
+    """Stage latents: encode the training images once (posterior mean and std), set the latent
+    scaling factor, save the tokenizer and text encoder(s) and every caption's embedding, all to
+    WORKDIR (latents.pt holds the data); returns the stage summary."""
     from diffusers import AutoencoderKL
 
     t0 = time.time()
@@ -259,6 +266,8 @@ def encode_latents(args) -> dict:
 # ---- unet ------------------------------------------------------------------------------------
 
 def train_unet(args) -> dict:
+    """Stage unet: train the epsilon-prediction UNet on the stored latents (captions dropped for
+    guidance), keep EMA weights and export them as the teacher pipeline; returns the stage summary."""
     data = torch.load(args.workdir / "latents.pt", weights_only=True)
     mean, std, embeddings = data["mean"], data["std"], data["embeddings"]
     caption_ids, scale = data["caption_ids"], data["scaling_factor"]
@@ -350,6 +359,7 @@ def export_teacher(args, unet, scaling_factor: float) -> Path:
 
 
 def parse_args(argv=None):
+    """The command line, with combinations that cannot work (e.g. --steps with --stage all) refused."""
     p = argparse.ArgumentParser(prog="python -m d2g.shapes.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", required=True, choices=STAGES + ("all",))
@@ -388,6 +398,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    """`python -m d2g.shapes.train`: run the chosen stages and append their summaries to
+    WORKDIR/summary.jsonl; returns the exit code."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)

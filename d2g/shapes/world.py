@@ -57,6 +57,16 @@ SPLITS = ("train", "heldout")
 
 @dataclass(frozen=True)
 class Attributes:
+    """One value per attribute axis: what a caption asks for and what the evaluator judges.
+
+    Args:
+        shape: one of SHAPES.
+        color: a name in COLORS.
+        size: a name in SIZES.
+        position: a name in POSITIONS.
+        background: a name in BACKGROUNDS.
+    """
+
     shape: str
     color: str
     size: str
@@ -64,6 +74,7 @@ class Attributes:
     background: str
 
     def as_dict(self) -> dict[str, str]:
+        """{axis: value}, the fields a caption phrasing is formatted with."""
         return asdict(self)
 
     def labels(self) -> tuple[int, ...]:
@@ -83,10 +94,12 @@ def vocabulary() -> list[str]:
 
 
 def all_combinations() -> list[Attributes]:
+    """Every attribute combination: the product of all axes, in ATTRIBUTES order."""
     return [Attributes(*values) for values in itertools.product(*ATTRIBUTES.values())]
 
 
 def is_heldout(attrs: Attributes) -> bool:
+    """Whether `attrs` is a held-out combination (1 in 10, by a fixed rule; never used for training)."""
     # A fixed linear rule over value indices holds out 1 in 10 combinations and spreads them so
     # that every value of every axis keeps most of its combinations in training.
     s, c, z, p, b = attrs.labels()
@@ -208,6 +221,7 @@ def to_tensor(images: np.ndarray):
 
 
 def labels_tensor(attrs: list[Attributes]):
+    """The evaluator's targets for `attrs`: a long tensor [N, axes] of value indices."""
     import torch
 
     return torch.tensor([a.labels() for a in attrs], dtype=torch.long)

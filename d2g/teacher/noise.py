@@ -18,9 +18,11 @@ def sample_seed(dataset_seed: int, index: int) -> int:
 
 
 def sample_noise(dataset_seed: int, index: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The starting noise of sample `index`: float32 `shape`, drawn on the CPU from its own seed."""
     generator = torch.Generator(device="cpu").manual_seed(sample_seed(dataset_seed, index))
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
 def batch_noise(dataset_seed: int, indices: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """The noises of samples `indices`, stacked to [len(indices), *shape]; each equals `sample_noise`."""
     return torch.stack([sample_noise(dataset_seed, j, shape) for j in indices])

@@ -26,7 +26,7 @@ CALL_KWARGS: dict[str, dict[str, Any]] = {"ddim": {"eta": 0.0}, "dpmpp": {}, "eu
 
 
 class SchedulerError(ValueError):
-    pass
+    """An unknown solver name, or a teacher whose schedule these solvers cannot run (flow matching)."""
 
 
 def _scheduler_class(name: str):

@@ -19,6 +19,21 @@ from d2g.teacher.vae import latent_shape
 
 @dataclass(frozen=True)
 class SolverSettings:
+    """How the teacher solves, and which extra arrays the solve returns.
+
+    Args:
+        scheduler: the ODE solver, "ddim", "dpmpp" or "euler" (kwargs pinned in d2g.teacher.schedulers).
+        steps: solver steps.
+        timestep_spacing: the timestep grid, "trailing", "leading" or "linspace".
+        guidance: classifier-free guidance scale; <= 1 disables guidance.
+        guidance_rescale: the pipeline's guidance rescale phi.
+        negative_prompt: the negative prompt; "" applies the pipeline's own empty-prompt rule.
+        height: image height in pixels; None: the teacher's default.
+        width: image width in pixels; None: the teacher's default.
+        store_prompt_embeds: also return the prompt embeddings (and pooled ones for SDXL).
+        trajectory_points: also return this many intermediate ODE points per sample.
+    """
+
     scheduler: str = "ddim"
     steps: int = 50
     timestep_spacing: str = "trailing"
@@ -37,6 +52,7 @@ def _numpy_dtype_of(dtype: torch.dtype) -> str:
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """`t` as a contiguous CPU array; bf16 becomes its exact float32 upcast (numpy has no bf16)."""
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
         t = t.float()
@@ -53,7 +69,12 @@ def trajectory_steps(num_steps: int, points: int) -> list[int]:
 
 
 class TeacherSolver:
-    """Bound to one loaded pipeline; call `solve(prompts, noise)` per batch."""
+    """Bound to one loaded pipeline; call `solve(prompts, noise)` per batch.
+
+    Args:
+        pipe: a loaded diffusers SD or SDXL pipeline; its scheduler is replaced by the pinned solver.
+        settings: the SolverSettings every solve uses.
+    """
 
     def __init__(self, pipe, settings: SolverSettings):
         self.pipe = pipe
@@ -71,10 +92,12 @@ class TeacherSolver:
 
     @property
     def guided(self) -> bool:
+        """Whether guidance is on (scale > 1), so each solve also needs the negative embedding."""
         return self.settings.guidance > 1.0
 
     @property
     def tokenizer_max_length(self) -> int:
+        """Tokens of a prompt the pipeline keeps; longer prompts are truncated."""
         return self.pipe.tokenizer.model_max_length
 
     def count_truncated(self, prompts: list[str]) -> int:
@@ -153,6 +176,8 @@ class TeacherSolver:
         return out
 
     def trajectory_timesteps(self) -> list[int]:
+        """The timestep of each trajectory point (the one the next step starts from), for the
+        store's metadata; [] when no trajectory is stored. Call after `solve`, which sets them."""
         timesteps = self.pipe.scheduler.timesteps
         if timesteps is None or not self._trajectory_at:
             return []

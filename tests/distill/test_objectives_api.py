@@ -216,3 +216,11 @@ def test_training_steps_never_call_the_vae_decoder(name, sd15_teacher):
         opt.step()
     with pytest.raises(AssertionError, match="VAE decoder"):  # the trap is armed
         pipe.vae.decode(torch.zeros(1, 4, 8, 8))
+
+
+def test_d2g_refuses_few_step_students_instead_of_leaking_the_target():
+    """A few-step d2g would condition its discriminator on the re-noised real latent; refused by name."""
+    from distill.train_config import TrainConfigError, load_train_config
+
+    with pytest.raises(TrainConfigError, match="student_steps=2: d2g trains one-step students"):
+        load_train_config(None, {"objective": "d2g", "teacher": "shapes", "objective_config": {"student_steps": 2}})

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from distill.checkpoint import CheckpointError
 from distill.export import export_student, load_student, student_latents
 from distill.train_config import TrainConfigError, load_train_config
 from distill.trainer import KILL_AT_STEP_ENV, Trainer, TrainingStopped
@@ -136,6 +137,16 @@ def test_export_loads_in_stock_diffusers_and_matches_generate(pairs, sd15_teache
                          capture_output=True, text=True)
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert len(json.loads(gen.stdout)["images"]) == 2
+    again = subprocess.run([str(Path(sys.executable).parent / "distill"), "generate", str(folder), "--prompt",
+                            "a blue square", "--seed", "7", "--out", str(tmp_path / "png"), "--json"],
+                           capture_output=True, text=True)
+    assert [Path(p).name for p in json.loads(again.stdout)["images"]] == ["image-002.png"]  # never overwrites
+    from PIL import Image
+
+    text = Image.open(tmp_path / "png" / "image-002.png").text
+    assert text["prompt"] == "a blue square" and text["seed"] == "7" and text["steps"] == "1"
+    with pytest.raises(CheckpointError, match="not empty"):
+        export_student(str(tmp_path / "run"), str(folder))
     ev = subprocess.run([str(Path(sys.executable).parent / "distill"), "eval", "--model", str(folder), "--data",
                          pairs, "--num", "8", "--teacher-steps", "3", "--json"], capture_output=True, text=True)
     assert ev.returncode == 0, ev.stderr[-2000:]

@@ -1,20 +1,15 @@
-"""store.layout and store.schema pin every on-disk name; the shard writer needs only a destination;
-every public name in store is documented."""
+"""store.layout and store.schema pin every on-disk name; the shard writer needs only a destination."""
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import os
-from pathlib import Path
 
 import pytest
 
 import store
 from store import PairStore, ShardDestination, ShardWriter, layout
 from tests.helpers.store_data import FINGERPRINT, SCHEMA, make_dataset, sample_arrays
-
-STORE_DIR = Path(store.__file__).parent
 
 
 def test_names_are_the_format():
@@ -80,38 +75,3 @@ def test_writer_needs_only_a_destination(tmp_path):
         with ShardWriter(dataclasses.replace(dest, prepare=refuse), "shard-000000", SCHEMA):
             pass
 
-
-def _public_defs():
-    """(where, node, enclosing class) for every public class, function and method in store/."""
-    for path in sorted(STORE_DIR.glob("*.py")):
-        tree = ast.parse(path.read_text())
-        yield f"{path.name}", tree, None
-        for node in tree.body:
-            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
-                yield f"{path.name}:{node.name}", node, None
-                if isinstance(node, ast.ClassDef):
-                    for item in node.body:
-                        if isinstance(item, ast.FunctionDef) and (not item.name.startswith("_") or item.name == "__init__"):
-                            yield f"{path.name}:{node.name}.{item.name}", item, node
-
-
-def test_every_public_name_in_store_is_documented():
-    missing = [where for where, node, _ in _public_defs() if not ast.get_docstring(node)]
-    assert not missing, f"public names without a docstring: {missing}"
-
-
-def test_constructors_document_their_arguments():
-    undocumented = []
-    for where, node, cls in _public_defs():
-        if cls is not None and node.name == "__init__":
-            args = [a.arg for a in node.args.args[1:] + node.args.kwonlyargs]
-            args += [a.arg for a in (node.args.vararg, node.args.kwarg) if a is not None]
-            docs = (ast.get_docstring(node) or "") + (ast.get_docstring(cls) or "")
-        elif isinstance(node, ast.ClassDef) and any(
-                getattr(d.func if isinstance(d, ast.Call) else d, "id", "") == "dataclass" for d in node.decorator_list):
-            args = [s.target.id for s in node.body if isinstance(s, ast.AnnAssign) and not s.target.id.startswith("_")]
-            docs = ast.get_docstring(node) or ""
-        else:
-            continue
-        undocumented += [f"{where}: {a}" for a in args if a not in docs]
-    assert not undocumented, f"constructor arguments without documentation: {undocumented}"
