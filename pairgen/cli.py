@@ -11,7 +11,7 @@ from pairgen.config import ConfigError, GenerationConfig, load_config
 from store import console
 
 EXAMPLES = """examples:
-  pairgen run                                   # the embedded shapes teacher, local Ray, ./pairs
+  pairgen run --num-pairs 256 --steps 25        # the embedded shapes teacher, local Ray, ./pairs
   pairgen run --teacher stable-diffusion-v1-5/stable-diffusion-v1-5 --prompts s3://bucket/coco.txt \\
               --out s3://bucket/pairs/sd15-cfg3 --num-pairs 3000000 --guidance 3 --workers 64
   pairgen run --config jobs/pairgen_sd15_cfg3.yaml --num-pairs 4000000   # extend: commits a new version

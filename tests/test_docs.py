@@ -40,6 +40,8 @@ SUBSTITUTIONS: list[tuple[str, str]] = [
     (r"--num-pairs 3000000", "--num-pairs 16"),
     (r"--num-pairs 4000000", "--num-pairs 32"),
     (r"--num-pairs 10000", "--num-pairs 8"),
+    (r"--num-pairs 256\b", "--num-pairs 8"),
+    (r"--steps 25\b", "--steps 2"),
     (r"--shard-size 1024", "--shard-size 8"),
     (r"--steps 50\b", "--steps 2"),
     (r"--dtype fp16", "--dtype fp32"),
