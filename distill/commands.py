@@ -14,7 +14,7 @@ TRAIN_EXAMPLES = """examples:
   distill train --data ./demo-out/pairs --teacher shapes --out ./runs/d2g-gan --objective d2g --max-steps 2 --no-ray --objective-config '{lambda_gan: 0.1}'
 """
 EXPORT_EXAMPLES = """examples:
-  distill export ./runs/d2g --out ./student
+  distill export ./runs/d2g --out ./student-from-help
 """
 GENERATE_EXAMPLES = """examples:
   distill generate ./student --prompt "a small red circle in the top left on a black background" --num 2 --out pngs

@@ -48,6 +48,8 @@ class GenerationConfig(BaseModel):
     device: str = Field("auto", description="torch device inside each actor: auto, cuda, cpu, mps")
     commit_every: int = Field(0, ge=0, description="commit a version every K new shards (0: only at the end)")
     max_retries: int = Field(3, ge=0, description="attempts per shard beyond the first before the run fails")
+    actor_start_timeout: float = Field(600.0, gt=0, description="seconds a teacher actor may take to start "
+                                       "(find resources, load the teacher) before the run goes on without it")
     repair: bool = Field(False, description="regenerate committed shards whose files are missing or damaged "
                          "(byte-identical to the originals, or nothing is replaced) and commit a new version")
 

@@ -43,6 +43,11 @@ def _maybe_kill_driver(shards_finished: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
 def _repair_command() -> str:
     """The command line that ran us plus --repair, when we run as the pairgen CLI."""
     argv = sys.argv
@@ -61,7 +66,7 @@ class RunSummary:
     plan (`num_pairs`, `num_shards`, `workers`); the work (`shards_generated`, `shards_reused`,
     `shards_repaired`, `pairs_generated`, `bytes_written`, `seconds` of wall time, `worker_seconds`
     of actor time); the trouble (`retries`, `actors_replaced`, `truncated_prompts`,
-    `empty_prompts_skipped`)."""
+    `empty_prompts_skipped`, `actors_given_up` for lack of resources)."""
 
     out: str
     num_pairs: int = 0
@@ -79,6 +84,7 @@ class RunSummary:
     version: int | None = None
     workers: int = 0
     shards_repaired: list[str] = field(default_factory=list)
+    actors_given_up: int = 0
 
     def as_dict(self) -> dict:
         """The summary as JSON-ready values, with the derived rates (pairs/s, per worker, per busy second)."""
@@ -104,9 +110,22 @@ def _actor_resources(ray, config: GenerationConfig) -> tuple[float, float]:
     return cpus, gpus
 
 
+@dataclass
+class _Slot:
+    """One teacher actor: ready once its `ping` answered (teacher loaded); `load` shards queued on it."""
+
+    actor: object
+    ping: object
+    started: float
+    ready: bool = False
+    load: int = 0
+
+
 class _ActorPool:
-    """Teacher actors, replaced when they die. Each takes at most `depth` shards at a time so the
-    next shard is already queued when one finishes (no idle accelerator), but no more."""
+    """Teacher actors, replaced when they die. Shards go only to actors that are running (their
+    teacher loaded), at most `depth` each, so the next shard is already queued when one finishes but
+    no shard waits on an actor that may never start: a replacement that finds no free resources
+    within `start_timeout` seconds is given up and the run goes on with fewer actors."""
 
     def __init__(self, ray, config: GenerationConfig, depth: int = 2):
         from pairgen.worker import ShardGenerator
@@ -115,41 +134,76 @@ class _ActorPool:
         self.config = config
         self.depth = depth
         cpus, gpus = _actor_resources(ray, config)
-        # D2G_FAULT_* variables (test-only fault injection) follow the driver into its actors.
         # The driver's -v and test-only fault injection travel to the actors, on any cluster.
         env = {**worker_env(), **{k: v for k, v in os.environ.items() if k.startswith("D2G_FAULT_")}}
         self._remote = ray.remote(ShardGenerator).options(
             num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0,
             runtime_env={"env_vars": env})
-        self.actors = [self._new() for _ in range(config.workers)]
-        self.load = [0] * config.workers
+        self.slots: dict[int, _Slot] = {}
+        self._next_id = 0
+        for _ in range(config.workers):
+            self._start()
         self.replaced = 0
+        self.given_up = 0
 
-    def _new(self):
-        return self._remote.remote(self.config.model_dump(), self.config.threads_per_worker)
+    def _start(self) -> None:
+        actor = self._remote.remote(self.config.model_dump(), self.config.threads_per_worker)
+        self.slots[self._next_id] = _Slot(actor, actor.ping.remote(), time.monotonic())
+        self._next_id += 1
+
+    def starting_refs(self) -> list:
+        """The pings of actors still starting, to wait on beside the shards in flight."""
+        return [s.ping for s in self.slots.values() if not s.ready]
+
+    def mark_started(self, ref) -> int | None:
+        """Record that ping `ref` answered; returns its slot, or None if `ref` is not a ping.
+        Raises what the ping raised (an actor that died while starting)."""
+        for slot_id, s in self.slots.items():
+            if s.ping == ref and not s.ready:
+                self.ray.get(ref)
+                s.ready = True
+                return slot_id
+        return None
+
+    def is_ping(self, ref) -> bool:
+        """Whether `ref` is the ping of an actor still starting."""
+        return any(s.ping == ref and not s.ready for s in self.slots.values())
 
     def free_slot(self) -> int | None:
-        """The least loaded actor's slot if it has room for another queued shard, else None."""
-        best = min(range(len(self.actors)), key=lambda i: self.load[i])
-        return best if self.load[best] < self.depth else None
+        """The least loaded running actor with room for another queued shard, else None."""
+        ready = [i for i, s in self.slots.items() if s.ready and s.load < self.depth]
+        return min(ready, key=lambda i: self.slots[i].load) if ready else None
 
-    def replace(self, slot: int) -> None:
-        """Kill the actor in `slot` (if it still lives) and start a fresh one there."""
+    def replace(self, slot_id: int) -> None:
+        """Kill the actor of `slot_id` (if it still lives) and start a fresh one in its place."""
+        self._kill(self.slots.pop(slot_id).actor)
+        self._start()
+        self.replaced += 1
+
+    def give_up_stalled(self, timeout: float) -> int:
+        """Remove actors that have been starting for longer than `timeout` s (no free CPU/GPU left
+        for them); returns how many."""
+        now = time.monotonic()
+        stalled = [i for i, s in self.slots.items() if not s.ready and now - s.started > timeout]
+        for slot_id in stalled:
+            self._kill(self.slots.pop(slot_id).actor)
+        self.given_up += len(stalled)
+        return len(stalled)
+
+    def running(self) -> int:
+        """Actors with their teacher loaded."""
+        return sum(s.ready for s in self.slots.values())
+
+    def _kill(self, actor) -> None:
         try:
-            self.ray.kill(self.actors[slot], no_restart=True)
+            self.ray.kill(actor, no_restart=True)
         except Exception:
             pass
-        self.actors[slot] = self._new()
-        self.load[slot] = 0
-        self.replaced += 1
 
     def shutdown(self) -> None:
         """Kill every actor; their unfinished shards are redone by the next run."""
-        for actor in self.actors:
-            try:
-                self.ray.kill(actor, no_restart=True)
-            except Exception:
-                pass
+        for s in self.slots.values():
+            self._kill(s.actor)
 
 
 def _validate_against_store(st: PairStore, config: GenerationConfig, fingerprint: dict) -> None:
@@ -273,19 +327,26 @@ class PairgenRun:
             while pending or inflight:
                 while pending and (slot := pool.free_slot()) is not None:
                     task = pending.popleft()
-                    ref = pool.actors[slot].generate.remote(task)
+                    ref = pool.slots[slot].actor.generate.remote(task)
                     inflight[ref] = (slot, task)
-                    pool.load[slot] += 1
-                ready, _ = ray.wait(list(inflight), num_returns=1)
+                    pool.slots[slot].load += 1
+                # A timeout, so a pool whose actors cannot start is noticed instead of waited on forever.
+                ready, _ = ray.wait(list(inflight) + pool.starting_refs(), num_returns=1, timeout=1.0)
+                self._check_capacity(pool, inflight, pending)
                 for ref in ready:
+                    if pool.is_ping(ref):
+                        self._actor_started(pool, ref, inflight, pending)
+                        continue
                     slot, task = inflight.pop(ref)
-                    pool.load[slot] = max(0, pool.load[slot] - 1)
+                    if slot in pool.slots:
+                        pool.slots[slot].load = max(0, pool.slots[slot].load - 1)
                     try:
                         result = ray.get(ref)
                     except ray.exceptions.RayActorError as err:
-                        self._retry(task, pending, f"actor died ({type(err).__name__})")
-                        self._requeue_actor_tasks(slot, inflight, pending, pool)
-                        pool.replace(slot)
+                        self._retry(task, pending, f"actor died ({_first_line(err)})")
+                        self._requeue_actor_tasks(slot, inflight, pending)
+                        if slot in pool.slots:
+                            pool.replace(slot)
                         continue
                     except ray.exceptions.RayTaskError as err:
                         if isinstance(err.cause, PERMANENT_ERRORS):
@@ -319,6 +380,7 @@ class PairgenRun:
         finally:
             bar.close()
             self.summary.actors_replaced = pool.replaced
+            self.summary.actors_given_up = pool.given_up
             pool.shutdown()
             # Killed actors leave their shard's temp files behind; the shards are redone next run.
             for _, task in inflight.values():
@@ -332,13 +394,37 @@ class PairgenRun:
         self.log(f"pairgen: shard {task.name} {reason}; retrying (attempt {task.attempt + 2})")
         pending.appendleft(dataclasses.replace(task, attempt=task.attempt + 1))
 
-    def _requeue_actor_tasks(self, slot: int, inflight: dict, pending: deque, pool: _ActorPool) -> None:
+    def _requeue_actor_tasks(self, slot: int, inflight: dict, pending: deque) -> None:
         # The dead actor's queued shard would fail too; put it back without counting a retry.
         for ref, (other_slot, task) in list(inflight.items()):
             if other_slot == slot:
                 inflight.pop(ref)
                 pending.appendleft(task)
-        pool.load[slot] = 0
+
+    def _actor_started(self, pool: _ActorPool, ref, inflight: dict, pending: deque) -> None:
+        """An actor's ping answered: it runs; or it died while starting (its node went away, or
+        __init__ failed): start another in its place, within the retry budget."""
+        ray = pool.ray
+        try:
+            pool.mark_started(ref)
+        except ray.exceptions.RayError as err:
+            slot = next(i for i, s in pool.slots.items() if s.ping == ref)
+            if pool.replaced >= self.config.max_retries * max(1, self.config.workers):
+                raise RunError(f"teacher actors keep dying while starting; last: {_first_line(err)}. "
+                               "Finished shards are kept; re-run the same command to continue.") from err
+            self.log(f"pairgen: a teacher actor died while starting ({_first_line(err)}); starting another")
+            pool.replace(slot)
+
+    def _check_capacity(self, pool: _ActorPool, inflight: dict, pending: deque) -> None:
+        """Give up on actors that cannot start (the cluster lost the node their resources were on),
+        say so, and stop if none is left running or starting."""
+        timeout = self.config.actor_start_timeout
+        if pool.give_up_stalled(timeout):
+            self.log(f"pairgen: a teacher actor found no free resources within {timeout:g} s (a node was lost?); "
+                     f"continuing with {len(pool.slots)} worker(s)")
+        if not pool.slots:
+            raise RunError(f"no teacher actor could start within {timeout:g} s (no free CPU/GPU on the cluster); "
+                           "finished shards are committed; re-run the same command when capacity is back")
 
 
 def run(config: GenerationConfig, progress: bool = True) -> RunSummary:

@@ -32,29 +32,28 @@ BIN = Path(sys.executable).parent
 # {sd15}: a tiny SD1.5-architecture teacher folder; {package}: the installed d2g package folder.
 SUBSTITUTIONS: list[tuple[str, str]] = [
     # The cluster: a job's entrypoint runs here on a local Ray instead of through a head node's job server.
-    (r"export RAY_ADDRESS=http://HEAD_NODE:8265", "unset RAY_ADDRESS"),
-    (r"RAY_AUTH_MODE=token", "RAY_AUTH_MODE=disabled"),
+    (r"http://HEAD_NODE:8265", "{ray_address}"),
     (r"ray job submit --working-dir \. -- ", ""),
     (r"s3://(YOUR-BUCKET|bucket)", "{bucket}"),
     (r"stable-diffusion-v1-5/stable-diffusion-v1-5", "{sd15}"),
-    (r"--num-pairs 3000000", "--num-pairs 16"),
-    (r"--num-pairs 4000000", "--num-pairs 32"),
-    (r"--num-pairs 10000", "--num-pairs 8"),
+    (r"--num-pairs 3000000\b", "--num-pairs 16"),
+    (r"--num-pairs 4000000\b", "--num-pairs 32"),
+    (r"--num-pairs 10000\b", "--num-pairs 8"),
     (r"--num-pairs 256\b", "--num-pairs 8"),
     (r"--steps 25\b", "--steps 2"),
-    (r"--shard-size 1024", "--shard-size 8"),
+    (r"--shard-size 1024\b", "--shard-size 8"),
     (r"--steps 50\b", "--steps 2"),
     (r"--dtype fp16", "--dtype fp32"),
-    (r"--workers 64", "--workers 1"),
-    (r"--commit-every 64", "--commit-every 1"),
-    (r"--max-steps 400", "--max-steps 2"),
-    (r"--steps 6000", "--steps 2"),
-    (r"--steps 1500", "--steps 2"),
-    (r"--steps 1000", "--steps 2"),
-    (r"--n 16384", "--n 64"),
-    (r"--n 4096", "--n 32"),
-    (r"--n 512", "--n 16"),
-    (r"--n 500", "--n 8"),
+    (r"--workers 64\b", "--workers 1"),
+    (r"--commit-every 64\b", "--commit-every 1"),
+    (r"--max-steps 400\b", "--max-steps 2"),
+    (r"--steps 6000\b", "--steps 2"),
+    (r"--steps 1500\b", "--steps 2"),
+    (r"--steps 1000\b", "--steps 2"),
+    (r"--n 16384\b", "--n 64"),
+    (r"--n 4096\b", "--n 32"),
+    (r"--n 512\b", "--n 16"),
+    (r"--n 500\b", "--n 8"),
     (r"--out d2g/shapes/weights", "--out ./shapes-weights"),
     (r"(?<![\w/.])d2g/shapes/weights/teacher", "{package}/shapes/weights/teacher"),
     # jobs/*.yaml, copied into the commands' working folder with these same rules applied:
@@ -168,19 +167,23 @@ PROMPT_FILES = ("coco.txt", "prompts/coco2014_train_captions.txt", "prompts/coco
 
 
 @pytest.fixture(scope="module")
-def doc_envs(tmp_path_factory, s3_endpoint, sd15_teacher, sdxl_teacher):
-    """One environment per document, made on first use: each document is read on its own, in order."""
+def doc_envs(tmp_path_factory, ray_local, sd15_teacher, sdxl_teacher):
+    """One environment per document, made on first use: each document is read on its own, in order.
+    `--help` examples are read with the README (they use what its commands made). Every command
+    joins the suite's local Ray (the "cluster"), instead of starting a Ray of its own."""
     envs: dict[str, tuple] = {}
+    address = ray_local.get_runtime_context().gcs_address
 
     def get(source: str) -> tuple:
+        source = "README.md" if source.endswith("--help") else source
         if source not in envs:
-            envs[source] = _doc_env(tmp_path_factory, sd15_teacher, sdxl_teacher)
+            envs[source] = _doc_env(tmp_path_factory, sd15_teacher, sdxl_teacher, address)
         return envs[source]
 
     return get
 
 
-def _doc_env(tmp_path_factory, sd15_teacher, sdxl_teacher):
+def _doc_env(tmp_path_factory, sd15_teacher, sdxl_teacher, ray_address: str):
     """What a document assumes exists: the user's bucket with their caption files, the calibrated
     LatentLPIPS file a job config names, the jobs/ folder; our CLIs on PATH, no GPU, no hub."""
     import uuid
@@ -201,12 +204,13 @@ def _doc_env(tmp_path_factory, sd15_teacher, sdxl_teacher):
     lpips.parent.mkdir()
     save_lpips(LatentLPIPS(latent_channels=4, width=0.125), lpips)
     values = {"bucket": bucket, "sd15": str(sd15_teacher), "sdxl": str(sdxl_teacher),
-              "package": str(Path(d2g.__file__).parent), "root": str(ROOT), "cwd": str(cwd), "lpips": str(lpips)}
+              "package": str(Path(d2g.__file__).parent), "root": str(ROOT), "cwd": str(cwd), "lpips": str(lpips),
+              "ray_address": ray_address}
     (cwd / "jobs").mkdir()
     for job in (ROOT / "jobs").glob("*.yaml"):
         (cwd / "jobs" / job.name).write_text(substitute(job.read_text(), values))
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("RAY_ADDRESS", None)
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "RAY_ADDRESS": ray_address}
     return cwd, env, values
 
 
@@ -231,7 +235,7 @@ def test_documented_block_runs_as_written(block, doc_envs):
 def test_substitutions_only_touch_what_they_name():
     """The table cannot rewrite a command into another one: each rule's result keeps the flag it matched."""
     values = {"bucket": "s3://moto", "sd15": "/t/sd15", "sdxl": "/t/sdxl", "package": "/p", "root": "/r",
-              "cwd": "/c", "lpips": "/w.safetensors"}
+              "cwd": "/c", "lpips": "/w.safetensors", "ray_address": "127.0.0.1:1"}
     assert substitute("pairgen run --num-pairs 3000000 --out s3://bucket/x", values) == \
         "pairgen run --num-pairs 16 --out s3://moto/x"
     assert substitute("distill train --max-steps 4000", values) == "distill train --max-steps 4000"

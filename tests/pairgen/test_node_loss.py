@@ -1,0 +1,60 @@
+"""Losing a node with no spare capacity: pairgen finishes on what is left, says so, and writes the
+same bytes as an uninterrupted run (a simulated 3-node cluster: a head without CPUs and two 1-CPU
+workers, the CLI attached through RAY_ADDRESS as on a real cluster)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pairgen.runner import PairgenRun
+from store import PairStore
+from tests.pairgen.test_run import PROMPTS, _config, _shard_hashes
+
+BIN = Path(sys.executable).parent
+
+
+def _forget_cluster(address: str) -> None:
+    # Ray records the last cluster started on this machine; a later plain ray.init() would try to
+    # join this one (gone by then) instead of starting its own.
+    pointer = Path("/tmp/ray/ray_current_cluster")
+    if pointer.exists() and address.split(":")[-1] in pointer.read_text():
+        pointer.unlink()
+
+
+def test_pairgen_finishes_on_the_remaining_node(ray_local, sd15_teacher, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS)
+    settings = dict(num_pairs=48, shard_size=4, steps=6, batch_size=2)
+    reference = str(tmp_path / "reference")
+    PairgenRun(_config(sd15_teacher, str(prompts), reference, **settings), progress=False).run()
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    out = tmp_path / "pairs"
+    try:
+        proc = subprocess.Popen(
+            [str(BIN / "pairgen"), "run", "--teacher", str(sd15_teacher), "--prompts", str(prompts), "--out", str(out),
+             "--num-pairs", "48", "--shard-size", "4", "--steps", "6", "--batch-size", "2", "--guidance", "2.0",
+             "--seed", "5", "--workers", "2", "--cpus-per-worker", "1", "--actor-start-timeout", "15",
+             "--no-progress"],
+            env={**os.environ, "RAY_ADDRESS": cluster.address}, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 240
+        while len(list((out / "index").glob("shard-*"))) < 2 if (out / "index").exists() else True:
+            assert proc.poll() is None and time.monotonic() < deadline, "no shard was finished in time"
+            time.sleep(0.1)  # polling for files to appear, not waiting for time to pass
+        cluster.remove_node(workers[1])
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        cluster.shutdown()
+        _forget_cluster(cluster.address)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "continuing with 1 worker(s)" in stderr, stderr[-3000:]
+    assert _shard_hashes(str(out)) == _shard_hashes(reference)
+    assert PairStore(str(out)).manifest().num_pairs == 48
