@@ -181,8 +181,10 @@ class _ActorPool:
         self.replaced += 1
 
     def give_up_stalled(self, timeout: float) -> int:
-        """Remove actors that have been starting for longer than `timeout` s (no free CPU/GPU left
-        for them); returns how many."""
+        """While some actor runs, remove actors that have been starting for longer than `timeout` s
+        (no free CPU/GPU left for them: the work can go on without them); returns how many."""
+        if not self.running():
+            return 0
         now = time.monotonic()
         stalled = [i for i, s in self.slots.items() if not s.ready and now - s.started > timeout]
         for slot_id in stalled:
@@ -422,7 +424,8 @@ class PairgenRun:
         if pool.give_up_stalled(timeout):
             self.log(f"pairgen: a teacher actor found no free resources within {timeout:g} s (a node was lost?); "
                      f"continuing with {len(pool.slots)} worker(s)")
-        if not pool.slots:
+        now = time.monotonic()
+        if not pool.slots or (not pool.running() and all(now - s.started > timeout for s in pool.slots.values())):
             raise RunError(f"no teacher actor could start within {timeout:g} s (no free CPU/GPU on the cluster); "
                            "finished shards are committed; re-run the same command when capacity is back")
 
