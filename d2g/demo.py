@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from store import LATENT
+
 
 def _stage(title: str) -> float:
     print(f"\n== {title}", file=sys.stderr, flush=True)
@@ -97,7 +99,7 @@ def comparison_grid(args, model_dir: str, report_dir: Path, count: int = 8) -> d
     rows = {}
     for name, steps in ((f"teacher_{args.teacher_steps}step", args.teacher_steps), ("teacher_1step", 1)):
         solver = TeacherSolver(teacher, SolverSettings(steps=steps, guidance=args.guidance))
-        rows[name] = to_unit_range(decode(teacher.vae, solver.solve(prompts, noise)["latent"]))
+        rows[name] = to_unit_range(decode(teacher.vae, solver.solve(prompts, noise)[LATENT]))
     rows["student_1step"] = to_unit_range(decode(student.vae, student_latents(student, prompts, noise)))
     images = torch.cat(list(rows.values()))
     (report_dir / "grid.png").write_bytes(grid_png(images, columns=count))

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from store import LATENT, NOISE, POOLED_PROMPT_EMBEDS, PROMPT, PROMPT_EMBEDS
+
 
 class ConditioningError(ValueError):
     """A batch whose text conditioning cannot be built; the message names the field."""
@@ -99,11 +101,11 @@ class TextConditioner:
     def __call__(self, batch: dict, latent_hw: tuple[int, int]) -> Conditioning:
         """The conditioning of `batch` ('prompt_embeds' [+ 'pooled_prompt_embeds'], else 'prompt')
         for latents of spatial size `latent_hw`; ConditioningError naming a missing or bad field."""
-        size = len(batch["noise"]) if "noise" in batch else len(batch["latent"])
-        if batch.get("prompt_embeds") is not None:
+        size = len(batch[NOISE]) if NOISE in batch else len(batch[LATENT])
+        if batch.get(PROMPT_EMBEDS) is not None:
             cond = self._from_stored(batch, size)
         else:
-            prompts = batch.get("prompt")
+            prompts = batch.get(PROMPT)
             if prompts is None:
                 raise ConditioningError("batch has neither 'prompt_embeds' nor 'prompt'")
             if len(prompts) != size:
@@ -114,10 +116,10 @@ class TextConditioner:
         return cond
 
     def _from_stored(self, batch: dict, size: int) -> Conditioning:
-        embeds = batch["prompt_embeds"].to(self.device)
+        embeds = batch[PROMPT_EMBEDS].to(self.device)
         if embeds.shape[0] != size:
             raise ConditioningError(f"batch field 'prompt_embeds' has {embeds.shape[0]} rows for {size} samples")
-        pooled = batch.get("pooled_prompt_embeds")
+        pooled = batch.get(POOLED_PROMPT_EMBEDS)
         if self.sdxl and pooled is None:
             raise ConditioningError(
                 "teacher UNet takes pooled text embeddings (SDXL-type) but the batch has 'prompt_embeds' "

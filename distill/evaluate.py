@@ -19,14 +19,14 @@ from d2g.teacher.loading import load_teacher
 from d2g.teacher.solver import SolverSettings, TeacherSolver
 from d2g.teacher.vae import decode, to_unit_range
 from distill.export import STUDENT_INFO, load_student, student_latents
-from store import PairDataset, PairLoader, console
+from store import LATENT, NOISE, PROMPT, PairDataset, PairLoader, console
 
 
 def _held_out(data_url: str, num: int, batch_size: int):
-    dataset = PairDataset(data_url, fields=("noise", "latent", "prompt"), shuffle=False)
+    dataset = PairDataset(data_url, fields=(NOISE, LATENT, PROMPT), shuffle=False)
     seen = 0
     for batch in PairLoader(dataset, batch_size=batch_size):
-        take = min(len(batch["prompt"]), num - seen)
+        take = min(len(batch[PROMPT]), num - seen)
         yield {k: v[:take] for k, v in batch.items()}, dataset.manifest.fingerprint
         seen += take
         if seen >= num:
@@ -67,13 +67,13 @@ def evaluate(model_dir: str, data_url: str, num: int = 64, batch_size: int = 16,
             # Guidance extrapolates badly at one step: the unguided one-step teacher is the fairer floor.
             unguided = TeacherSolver(teacher, SolverSettings(scheduler="ddim", steps=1, guidance=1.0,
                                                              timestep_spacing="trailing"))
-        target = batch["latent"].float()
-        ours = student_latents(student, batch["prompt"], batch["noise"].float())
-        baseline = one_step.solve(batch["prompt"], batch["noise"].float())["latent"].float()
+        target = batch[LATENT].float()
+        ours = student_latents(student, batch[PROMPT], batch[NOISE].float())
+        baseline = one_step.solve(batch[PROMPT], batch[NOISE].float())[LATENT].float()
         n = len(target)
         sums["student_mse"] += float(((ours - target) ** 2).mean(dim=(1, 2, 3)).sum())
         sums["teacher_1step_mse"] += float(((baseline - target) ** 2).mean(dim=(1, 2, 3)).sum())
-        plain = unguided.solve(batch["prompt"], batch["noise"].float())["latent"].float()
+        plain = unguided.solve(batch[PROMPT], batch[NOISE].float())[LATENT].float()
         sums["teacher_1step_unguided_mse"] += float(((plain - target) ** 2).mean(dim=(1, 2, 3)).sum())
         if lpips is not None:
             sums["student_latent_lpips"] += float(lpips(ours, target).sum())
@@ -83,8 +83,8 @@ def evaluate(model_dir: str, data_url: str, num: int = 64, batch_size: int = 16,
         raise ValueError(f"no pairs in {data_url}")
     report = {k: v / count for k, v in sums.items() if lpips is not None or "lpips" not in k}
     report.update(num_pairs=count, model=model_dir, data=data_url, guidance=guidance)
-    noise1 = batch["noise"][:1].float()
-    prompt1 = batch["prompt"][:1]
+    noise1 = batch[NOISE][:1].float()
+    prompt1 = batch[PROMPT][:1]
     teacher_multi = TeacherSolver(teacher, SolverSettings(scheduler="ddim", steps=teacher_steps, guidance=guidance))
     report["latency_student_s"] = latency(lambda: student_latents(student, prompt1, noise1), latency_repeats)
     report["latency_student_decoded_s"] = latency(

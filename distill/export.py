@@ -21,6 +21,7 @@ from d2g.teacher.loading import load_teacher
 from d2g.teacher.schedulers import solver_kwargs
 from distill.checkpoint import CheckpointError, CheckpointStore
 from distill.train_config import TrainConfig
+from store import NOISE, PROMPT
 
 STUDENT_INFO = "d2g_student.json"
 
@@ -159,7 +160,7 @@ def student_latents(pipe, prompts: list[str], noise: torch.Tensor) -> torch.Tens
     from distill.conditioning import TextConditioner
     from distill.generator import NoiseSchedule
 
-    cond = TextConditioner(pipe)({"prompt": prompts, "noise": noise}, tuple(noise.shape[-2:]))
+    cond = TextConditioner(pipe)({PROMPT: prompts, NOISE: noise}, tuple(noise.shape[-2:]))
     schedule = NoiseSchedule(pipe.scheduler)
     t = torch.full((noise.shape[0],), schedule.num_train_timesteps - 1, dtype=torch.long)
     pred = pipe.unet(noise, t, **cond.unet_kwargs()).sample

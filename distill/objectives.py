@@ -47,6 +47,7 @@ from distill.objective_config import (
     ObjectiveConfig,
     RegressionConfig,
 )
+from store import LATENT, NOISE
 
 # Which discriminator each objective trains (None: no adversarial term).
 DISCRIMINATORS: dict[str, type[nn.Module] | None] = {"regression": None, "d2g": D2GDiscriminator,
@@ -159,7 +160,7 @@ class Objective:
         unet = self.teacher_unet
         channels, factor = unet.config.in_channels, downsampling_factor(unet)
         ref = None
-        for field in ("noise", "latent"):
+        for field in (NOISE, LATENT):
             x = batch.get(field)
             if x is None:
                 raise BatchShapeError(f"batch has no {field!r} field (needed by objective {self.name!r})")
@@ -176,8 +177,8 @@ class Objective:
 
     def _prepare(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
         self._validate(batch)
-        noise = batch["noise"].to(self.device, torch.float32)
-        latent = batch["latent"].to(self.device, torch.float32)
+        noise = batch[NOISE].to(self.device, torch.float32)
+        latent = batch[LATENT].to(self.device, torch.float32)
         return noise, latent, self.conditioner(batch, tuple(latent.shape[-2:]))
 
     def _student_input(self, noise: torch.Tensor, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,7 +300,7 @@ class Objective:
         """Student latents for a batch with 'noise' and 'prompt' or 'prompt_embeds' (evaluation),
         in `steps` steps (default: the config's student_steps); `generator` seeds the fresh noise
         between steps."""
-        noise = batch["noise"].to(self.device, torch.float32)
+        noise = batch[NOISE].to(self.device, torch.float32)
         if noise.ndim != 4 or noise.shape[1] != self.teacher_unet.config.in_channels:
             raise BatchShapeError(
                 f"batch field 'noise' has shape {tuple(noise.shape)}; the teacher UNet expects "

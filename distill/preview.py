@@ -13,6 +13,7 @@ import torch
 
 from d2g.teacher.noise import sample_noise
 from d2g.teacher.vae import decode, to_unit_range
+from store import NOISE, PROMPT
 
 PREVIEW_SEED = 1234
 PREVIEW_COUNT = 8
@@ -41,14 +42,14 @@ def write_preview(trainer, step: int) -> str:
     manifest = trainer.dataset.manifest
     first = manifest.shards[0]
     prompts = [trainer.store.get(index=first.first_index + i % first.num_samples, version=manifest.version,
-                                 fields=["prompt"])["prompt"] for i in range(PREVIEW_COUNT)]
-    shape = tuple(manifest.schema.fields["noise"].shape)
+                                 fields=[PROMPT])[PROMPT] for i in range(PREVIEW_COUNT)]
+    shape = tuple(manifest.schema.fields[NOISE].shape)
     noise = torch.stack([sample_noise(PREVIEW_SEED, i, shape) for i in range(PREVIEW_COUNT)])
     model = trainer.ema.model if trainer.ema is not None else trainer.generator
     original = trainer.objective.generator
     trainer.objective.generator = model
     try:
-        latents = trainer.objective.sample({"noise": noise, "prompt": prompts})
+        latents = trainer.objective.sample({NOISE: noise, PROMPT: prompts})
     finally:
         trainer.objective.generator = original
     images = to_unit_range(decode(trainer.pipe.vae, latents))

@@ -22,6 +22,7 @@ from d2g.shapes.evaluator import Evaluator, diversity, frechet_distance
 from d2g.teacher.noise import batch_noise
 from d2g.teacher.solver import SolverSettings, TeacherSolver
 from d2g.teacher.vae import decode, latent_shape, to_unit_range
+from store import LATENT
 
 Sampler = Callable[[list[str], torch.Tensor], torch.Tensor]
 
@@ -33,7 +34,7 @@ def teacher_sampler(pipe, steps: int, guidance: float) -> Sampler:
     """The teacher's own deterministic DDIM (trailing grid, eta 0) at `steps` steps."""
     solver = TeacherSolver(pipe, SolverSettings(scheduler="ddim", steps=steps, guidance=guidance,
                                                 timestep_spacing="trailing"))
-    return lambda prompts, noise: solver.solve(prompts, noise)["latent"].float()
+    return lambda prompts, noise: solver.solve(prompts, noise)[LATENT].float()
 
 
 def student_sampler(pipe) -> Sampler:

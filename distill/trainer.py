@@ -27,7 +27,18 @@ from distill.ema import EMA
 from distill.metrics import MetricsWriter
 from distill.objectives import NonFiniteLossError, make_objective
 from distill.train_config import TrainConfig
-from store import PairDataset, PairLoader, PairStore, parse_url
+from store import (
+    INDEX,
+    LATENT,
+    NOISE,
+    POOLED_PROMPT_EMBEDS,
+    PROMPT,
+    PROMPT_EMBEDS,
+    PairDataset,
+    PairLoader,
+    PairStore,
+    parse_url,
+)
 
 WEIGHT_GROUPS = ("generator", "ema", "discriminator")
 # Test-only fault injection: the process SIGKILLs itself right after this step, as a lost node would.
@@ -46,7 +57,7 @@ class TrainingStopped(RuntimeError):
 def _data_order(micro: list[dict]) -> dict:
     """What the step read, compactly: a digest of the sample indices in order (equal across runs iff
     the data order is), and their range."""
-    indices = [int(i) for batch in micro for i in batch["index"]]
+    indices = [int(i) for batch in micro for i in batch[INDEX]]
     digest = xxhash.xxh3_64_hexdigest(",".join(map(str, indices)).encode())
     return {"data/order_xxh3": digest, "data/index_min": min(indices), "data/index_max": max(indices)}
 
@@ -170,8 +181,8 @@ class Trainer:
         when the pairs have them."""
         c = self.config
         manifest = self.store.manifest(version)
-        fields = ["noise", "latent", "prompt"]
-        fields += [f for f in ("prompt_embeds", "pooled_prompt_embeds") if f in manifest.schema.names]
+        fields = [NOISE, LATENT, PROMPT]
+        fields += [f for f in (PROMPT_EMBEDS, POOLED_PROMPT_EMBEDS) if f in manifest.schema.names]
         self.dataset = PairDataset(f"{self.data_root}@v{manifest.version}", fields=fields, seed=c.seed,
                                    shuffle_block=c.shuffle_block, rank=self.rank, world_size=self.world_size,
                                    on_corrupt=c.on_corrupt)
@@ -355,7 +366,7 @@ class Trainer:
                     raise TrainingStopped(f"{err}; stopped at step {self.step}, last good checkpoint: "
                                           f"step {self.checkpoints.latest()} in {c.out}") from err
                 self.step += 1
-                self.summary.samples_seen += sum(len(b["prompt"]) for b in micro) * self.world_size
+                self.summary.samples_seen += sum(len(b[PROMPT]) for b in micro) * self.world_size
                 self.summary.last_logs = logs
                 bar.update(1)
                 if self.step % c.log_every == 0 or self.step == c.max_steps:

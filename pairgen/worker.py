@@ -21,7 +21,7 @@ from d2g.teacher.noise import batch_noise, sample_seed
 from d2g.teacher.solver import SolverSettings, TeacherSolver, to_numpy
 from pairgen.config import GenerationConfig
 from pairgen.plan import ShardTask
-from store import FieldSpec, PairStore, Schema
+from store import TRAJECTORY, TRAJECTORY_TIMESTEPS, FieldSpec, PairStore, Schema, layout
 
 # Test-only fault injection: "SHARD:BATCHES:MARKER" makes the process die (as a node would) after
 # writing BATCHES batches of shard SHARD, once: the marker file records that it happened.
@@ -112,9 +112,9 @@ class ShardGenerator:
 
     def _samples(self, task: ShardTask, indices: list[int], prompts: list[str], arrays: dict) -> list[dict]:
         numpy_arrays = {k: to_numpy(v) for k, v in arrays.items()}
-        meta = {"trajectory_timesteps": self.solver.trajectory_timesteps()} if "trajectory" in arrays else None
+        meta = {TRAJECTORY_TIMESTEPS: self.solver.trajectory_timesteps()} if TRAJECTORY in arrays else None
         return [
-            dict(key=f"{j:012d}", index=j, prompt=prompts[row], seed=sample_seed(self.config.seed, j),
+            dict(key=layout.default_key(j), index=j, prompt=prompts[row], seed=sample_seed(self.config.seed, j),
                  arrays={k: v[row] for k, v in numpy_arrays.items()}, meta=meta)
             for row, j in enumerate(indices)
         ]

@@ -15,6 +15,7 @@ import torch
 
 from d2g.teacher.schedulers import CALL_KWARGS, build_scheduler, solver_kwargs
 from d2g.teacher.vae import latent_shape
+from store import LATENT, NOISE, POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS, TRAJECTORY
 
 
 @dataclass(frozen=True)
@@ -109,22 +110,22 @@ class TeacherSolver:
         """field -> (numpy dtype, per-sample shape) for every array this solver produces."""
         stored = _numpy_dtype_of(self.dtype)
         # noise is stored as the exact tensor the solve started from (cast to the teacher dtype).
-        fields = {"noise": (stored, self.latent_shape), "latent": (stored, self.latent_shape)}
+        fields = {NOISE: (stored, self.latent_shape), LATENT: (stored, self.latent_shape)}
         if self.settings.store_prompt_embeds:
             dim = self.pipe.unet.config.cross_attention_dim
-            fields["prompt_embeds"] = (stored, (self.tokenizer_max_length, dim))
+            fields[PROMPT_EMBEDS] = (stored, (self.tokenizer_max_length, dim))
             if self.is_sdxl:
-                fields["pooled_prompt_embeds"] = (stored, (self.pipe.text_encoder_2.config.projection_dim,))
+                fields[POOLED_PROMPT_EMBEDS] = (stored, (self.pipe.text_encoder_2.config.projection_dim,))
         if self._trajectory_at:
-            fields["trajectory"] = (stored, (len(self._trajectory_at), *self.latent_shape))
+            fields[TRAJECTORY] = (stored, (len(self._trajectory_at), *self.latent_shape))
         return fields
 
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         out = self.pipe.encode_prompt(prompt=prompts, device=self.device, num_images_per_prompt=1,
                                       do_classifier_free_guidance=False)
-        embeds = {"prompt_embeds": out[0]}
+        embeds = {PROMPT_EMBEDS: out[0]}
         if len(out) == 4:
-            embeds["pooled_prompt_embeds"] = out[2]
+            embeds[POOLED_PROMPT_EMBEDS] = out[2]
         return embeds
 
     def _negative_embeds(self) -> dict[str, torch.Tensor]:
@@ -168,11 +169,11 @@ class TeacherSolver:
             guidance_rescale=self.settings.guidance_rescale, height=self.height, width=self.width,
             output_type="latent", return_dict=True, **CALL_KWARGS[self.settings.scheduler], **kwargs,
         )
-        out = {"noise": start, "latent": result.images}
+        out = {NOISE: start, LATENT: result.images}
         if self.settings.store_prompt_embeds:
             out.update(embeds)
         if trajectory:
-            out["trajectory"] = torch.stack(trajectory, dim=1)
+            out[TRAJECTORY] = torch.stack(trajectory, dim=1)
         return out
 
     def trajectory_timesteps(self) -> list[int]:
