@@ -238,3 +238,32 @@ def test_a_newer_version_is_picked_up_at_an_epoch_boundary(ray_local, sd15_teach
     assert len(opened) == 1, "the trainer opens the store once, new versions included"
     with pytest.raises(TrainingStopped, match="already holds checkpoints"):
         Trainer(_config(data, sd15_teacher, tmp_path / "run", resume=False))
+
+
+def test_outputs_reach_an_object_store_and_relative_paths_survive_ray(pairs, sd15_teacher, s3_bucket, tmp_path,
+                                                                       ray_local):
+    """Every output goes through fsspec to the URL given: checkpoints, metrics, TensorBoard and the
+    export land in the bucket (nothing in a local folder named 's3:'); and a Ray Train run given
+    relative --data and --out reads and writes under the user's working directory."""
+    import fsspec
+
+    from distill.ray_launch import train
+
+    run = f"{s3_bucket}/runs/r1"
+    train(_config(pairs, sd15_teacher, run, max_steps=2, checkpoint_every=2))
+    fs = fsspec.filesystem("s3")
+    assert fs.glob(f"{run}/tensorboard/*tfevents*"), "TensorBoard events did not reach the bucket"
+    info = export_student(run, f"{s3_bucket}/student")
+    assert info["step"] == 2 and fs.exists(f"{s3_bucket}/student/unet/config.json")
+    assert fs.cat(f"{s3_bucket}/student/README.md").decode().startswith("---\nlibrary_name: diffusers")
+    assert not (Path.cwd() / "s3:").exists()
+
+    os.symlink(pairs, tmp_path / "pairs")
+    result = subprocess.run([str(Path(sys.executable).parent / "distill"), "train", "--data", "pairs", "--teacher",
+                             str(sd15_teacher), "--out", "runs/rel", "--objective", "regression", "--max-steps", "2",
+                             "--batch-size", "4", "--cpus-per-worker", "0.5", "--no-progress", "--json"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["out"] == str(tmp_path / "runs" / "rel")
+    assert (tmp_path / "runs" / "rel" / "checkpoints" / "step-00000002" / "COMPLETE").exists()
