@@ -163,6 +163,22 @@ RUNNABLE = [b for b in all_blocks() if not b.skip]
 SKIPPED = [b for b in all_blocks() if b.skip]
 
 
+def _shipped_weights() -> dict[str, bytes]:
+    import hashlib
+
+    folders = [ROOT / "d2g" / "shapes" / "weights", ROOT / "distill" / "lpips" / "weights"]
+    return {str(f): hashlib.sha256(f.read_bytes()).digest() for d in folders for f in sorted(d.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shipped_weights_untouched():
+    """No documented command, pasted as written, may replace the weights the package ships."""
+    before = _shipped_weights()
+    yield
+    changed = sorted(k for k, v in _shipped_weights().items() if before.get(k) != v)
+    assert not changed, f"documented commands changed shipped weights: {changed}"
+
+
 PROMPT_FILES = ("coco.txt", "prompts/coco2014_train_captions.txt", "prompts/coco2017_train_captions.txt")
 
 

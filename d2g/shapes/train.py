@@ -364,8 +364,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", required=True, choices=STAGES + ("all",))
     p.add_argument("--workdir", required=True, type=Path, help="checkpoints and intermediate files")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "weights",
-                   help="where teacher/ and evaluator/ are written (default: the packaged weights folder)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where teacher/ and evaluator/ are written (default: WORKDIR/weights; give the packaged "
+                   "d2g/shapes/weights explicitly to replace the shipped teacher)")
     p.add_argument("--layout", choices=models.LAYOUTS, default="sd",
                    help="sd: the SD1.5-layout teacher (OUT/teacher); sdxl: the SDXL-layout one (OUT/teacher-xl)")
     p.add_argument("--components-from", type=Path, default=None,
@@ -403,6 +404,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
+    # Never the shipped weights by default: a documented command pasted as written must not replace them.
+    args.out = args.out if args.out is not None else args.workdir / "weights"
     args.out.mkdir(parents=True, exist_ok=True)
     runners = {"evaluator": train_evaluator, "vae": train_vae, "latents": encode_latents, "unet": train_unet}
     summaries = []
