@@ -87,7 +87,7 @@ def cmd_verify(args) -> int:
               f"{' (deep)' if args.deep else ''}: {status}")
         if problems:
             print("A pairgen dataset is repaired by re-running the pairgen command that made it with --repair: "
-                  "it regenerates exactly these shards, byte-identical, and commits a new version.")
+                  "it regenerates exactly these shards, byte-identical, and commits a new version.", file=sys.stderr)
     return 1 if problems else 0
 
 

@@ -66,8 +66,7 @@ def test_concurrent_commits_of_one_version_have_one_winner(root_url):
 
 
 def test_fingerprint_mismatch_lists_each_difference(root_url):
-    st = PairStore(root_url)
-    st.ensure_fingerprint(FINGERPRINT)
+    st = make_dataset(root_url, shards=1, per_shard=1, commit=False)  # a shard: the settings are in use
     st.ensure_fingerprint(dict(FINGERPRINT))  # same settings: fine
     changed = {**FINGERPRINT, "guidance": 8.0, "scheduler": {"name": "DDIM", "steps": 50}}
     with pytest.raises(FingerprintMismatch) as err:
