@@ -51,6 +51,7 @@ SUBSTITUTIONS: list[tuple[str, str]] = [
     (r"--steps 1500\b", "--steps 2"),
     (r"--steps 1000\b", "--steps 2"),
     (r"--n 16384\b", "--n 64"),
+    (r"--latent-items 32768\b", "--latent-items 256"),
     (r"--n 4096\b", "--n 32"),
     (r"--n 512\b", "--n 16"),
     (r"--n 500\b", "--n 8"),

@@ -16,7 +16,7 @@ a second text encoder with a projection, pooled embeddings and size/crop time id
 encoder, so only the latents and unet stages run:
 
     python -m d2g.shapes.train --layout sdxl --components-from d2g/shapes/weights/teacher \
-        --stage latents --workdir /tmp/shapes-xl
+        --stage latents --latent-items 32768 --workdir /tmp/shapes-xl
     python -m d2g.shapes.train --layout sdxl --stage unet --steps 6000 --workdir /tmp/shapes-xl
 
 Batches and noise of step s are pure functions of (seed, s), so a resumed run replays exactly
@@ -383,7 +383,9 @@ def parse_args(argv=None):
                    help="stop at this step with a checkpoint and no export (an interruption on purpose); "
                         "continue later with --resume")
     p.add_argument("--checkpoint-every", type=int, default=250)
-    p.add_argument("--latent-items", type=int, default=LATENT_ITEMS)
+    p.add_argument("--latent-items", type=int, default=LATENT_ITEMS,
+                   help=f"latents stage: training images encoded once (default {LATENT_ITEMS}); the unet "
+                        "stage trains on these")
     p.add_argument("--check-items", type=int, default=2000,
                    help="real held-out images the trained evaluator is checked on at the end of its stage")
     p.add_argument("--seed", type=int, default=0)
