@@ -31,6 +31,27 @@ class TrainConfigError(ValueError):
     """A bad option; the message names the field (and the config file, when there is one)."""
 
 
+def check_local_out_folder(url: str, flag: str = "--out") -> None:
+    """Raise TrainConfigError, naming `flag` and the path, if the local folder `url` could not be
+    created or written: a file where a folder is needed (at `url` or on the way to it), or a
+    read-only or non-writable folder. Checks only, creates nothing; object-store URLs are left to
+    their first write (a permission there can only be known by trying)."""
+    if "://" in url and not url.startswith("file://"):
+        return
+    path = os.path.abspath(url[len("file://"):] if url.startswith("file://") else url)
+    existing = path
+    while not os.path.exists(existing) and not os.path.islink(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "" if existing == path else f"; {existing} is a file"
+        raise TrainConfigError(f"{flag} {url}: Not a directory{where} (give a folder; nothing was written)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        # access() says EROFS even to root; statvfs tells a read-only mount from missing permissions.
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        reason = "Read-only file system" if read_only else "Permission denied"
+        raise TrainConfigError(f"{flag} {url}: {reason}: {existing} (nothing was written)")
+
+
 class TrainConfig(BaseModel):
     """Every option of `distill train`. `objective_config` is parsed here, once, into the typed
     config of `objective` (see distill.objective_config); a checkpoint's saved config (its
@@ -115,12 +136,15 @@ class TrainConfig(BaseModel):
         return self
 
     def check_inputs(self) -> None:
-        """What a driver checks before starting Ray or writing to --out: the pair store has a
-        committed version and the LatentLPIPS weights file exists (validation alone cannot: a job
-        config is checked on a machine that may not see the cluster's files). TrainConfigError or
-        StoreError naming the path."""
+        """What a driver checks before starting Ray or writing to --out: a local --out can be
+        created and written, the pair store has a committed version and the LatentLPIPS weights
+        file exists (validation alone cannot: a job config is checked on a machine that may not see
+        the cluster's files). TrainConfigError or StoreError naming the path."""
         from store import PairStore, parse_url
 
+        # First: it is the cheapest check, and without it a bad --out fails inside Ray Train (a
+        # traceback from its controller) or after the teacher is loaded.
+        check_local_out_folder(self.out)
         root, version = parse_url(self.data)
         store = PairStore(root)
         if store.latest_version() is None:

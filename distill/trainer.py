@@ -12,7 +12,6 @@ import hashlib
 import os
 import random
 import signal
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import xxhash
 from d2g.teacher.loading import load_teacher, pick_device
 from distill.checkpoint import CheckpointStore
 from distill.ema import EMA
-from distill.metrics import MetricsWriter
+from distill.metrics import MetricsWriter, ProgressDisplay, ProgressSink
 from distill.objectives import NonFiniteLossError, make_objective
 from distill.train_config import TrainConfig
 from store import (
@@ -60,16 +59,6 @@ def _data_order(micro: list[dict]) -> dict:
     indices = [int(i) for batch in micro for i in batch[INDEX]]
     digest = xxhash.xxh3_64_hexdigest(",".join(map(str, indices)).encode())
     return {"data/order_xxh3": digest, "data/index_min": min(indices), "data/index_max": max(indices)}
-
-
-def _log_progress(step: int, max_steps: int, rates: dict, logs: dict) -> None:
-    per_second = rates["time/steps_per_second"]
-    eta = (max_steps - step) / per_second if per_second > 0 else float("inf")
-    losses = " ".join(f"{k}={v:.4g}" for k, v in logs.items() if k.endswith("total"))
-    # print, not logging: Ray Train workers forward stdout/stderr but have no logging handler of ours.
-    print(
-        f"distill: step {step}/{max_steps} {per_second:.2f} steps/s {rates['time/samples_per_second']:.1f} "
-        f"samples/s ETA {eta / 60:.1f} min {losses}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -341,20 +330,22 @@ class Trainer:
             rates["lr/d"] = self.opt_d.param_groups[0]["lr"]
         return rates
 
-    def run(self, progress: bool = True) -> TrainSummary:
-        """Train until config.max_steps, logging, previewing and checkpointing on schedule; a
-        progress bar on rank 0 if `progress`. Raises TrainingStopped on a non-finite loss."""
-        from tqdm import tqdm
+    def run(self, progress: bool = True, sink: ProgressSink | None = None) -> TrainSummary:
+        """Train until config.max_steps, logging, previewing and checkpointing on schedule. Raises
+        TrainingStopped on a non-finite loss.
 
+        Args:
+            progress: on rank 0 without a `sink`: a bar if stderr is a terminal (False: never a
+                bar); plain progress lines every log_every steps otherwise (distill.metrics).
+            sink: where this rank sends its progress instead (a Ray Train worker sends it to the
+                driver, which shows one bar for the run); every rank may have one.
+        """
         c = self.config
         began = time.perf_counter()
         batches = self._batches()
-        # A bar where a person watches a terminal; elsewhere (Ray workers, CI logs, files) a plain
-        # log line every log_every steps, with rate and ETA.
-        bar_visible = progress and self.rank == 0 and sys.stderr.isatty()
+        if sink is None and self.rank == 0:
+            sink = ProgressDisplay(c.max_steps, desc=f"distill {c.objective}", bar=progress)
         first_step = self.step
-        bar = tqdm(total=c.max_steps, initial=self.step, unit="step", desc=f"distill {c.objective}",
-                   disable=not bar_visible, dynamic_ncols=True)
         try:
             while self.step < c.max_steps:
                 micro = [next(batches) for _ in range(c.grad_accum)]
@@ -368,13 +359,12 @@ class Trainer:
                 self.step += 1
                 self.summary.samples_seen += sum(len(b[PROMPT]) for b in micro) * self.world_size
                 self.summary.last_logs = logs
-                bar.update(1)
-                if self.step % c.log_every == 0 or self.step == c.max_steps:
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.endswith("total")})
-                    rates = self._rates(began, self.step - first_step)
+                log_step = self.step % c.log_every == 0 or self.step == c.max_steps
+                rates = self._rates(began, self.step - first_step)
+                if log_step:
                     self.metrics.log(self.step, {**logs, **rates, **_data_order(micro)})
-                    if not bar_visible and self.rank == 0 and progress:
-                        _log_progress(self.step, c.max_steps, rates, logs)
+                if sink is not None:
+                    sink.update(self.step, rates, {k: v for k, v in logs.items() if k.endswith("total")}, log_step)
                 if c.preview_every and self.step % c.preview_every == 0 and self.rank == 0:
                     from distill.preview import write_preview
 
@@ -384,7 +374,8 @@ class Trainer:
                     self.metrics.flush()
                 _maybe_die(self.step)
         finally:
-            bar.close()
+            if sink is not None:
+                sink.close()
             self.metrics.flush()
         self.summary.steps = self.step
         self.summary.seconds = time.perf_counter() - began

@@ -58,10 +58,43 @@ def test_a_root_holding_only_a_fingerprint_takes_the_corrected_settings(tmp_path
     assert PairStore(root).read_fingerprint() == {"teacher": {"name": "shapes"}}
 
 
-def test_out_naming_a_file_is_one_line(tmp_path):
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, sd15_teacher) -> str:
+    """A run folder with one complete checkpoint: one in-process step of MSE regression on a tiny
+    store (no Ray, no pairgen: seconds), for the export cases."""
+    from distill.train_config import load_train_config
+    from distill.trainer import Trainer
+    from tests.helpers.store_data import make_dataset
+
+    folder = tmp_path_factory.mktemp("export-run")
+    make_dataset(str(folder / "pairs"), shards=1, per_shard=4)
+    Trainer(load_train_config(None, dict(
+        data=str(folder / "pairs"), teacher=str(sd15_teacher), out=str(folder / "run"), objective="regression",
+        objective_config={"regression_loss": "mse"}, max_steps=1, batch_size=4, shuffle_block=4, use_ray=False,
+        ema_decay=0.0))).run(progress=False)
+    return str(folder / "run")
+
+
+def _writing_command(command: str, out: str, request) -> list[str]:
+    """A command that writes to `out` and is otherwise valid enough to get to writing."""
+    if command == "pairgen":
+        return ["pairgen", "run", "--out", out, "--num-pairs", "4"]
+    if command == "train":  # Ray mode, the default: --out must be refused before Ray starts
+        return ["distill", "train", "--out", out, "--max-steps", "1"]
+    return ["distill", "export", request.getfixturevalue("trained_run"), "--out", out]
+
+
+# One run per command and test (each CLI start costs seconds): --out below the file or read-only
+# folder, or the file or folder itself, spread so that each command meets both kinds.
+@pytest.mark.parametrize("command, where", [("pairgen", "below"), ("train", "below"), ("export", "itself")])
+def test_out_naming_a_file_is_one_line(command, where, tmp_path, request):
+    """--out below a file, or a file itself: one line naming the path, exit 2, the file untouched."""
     blocker = tmp_path / "a-file"
-    blocker.write_text("")
-    _one_line_error(_run("pairgen", "run", "--out", str(blocker / "pairs"), "--num-pairs", "4"), str(blocker))
+    blocker.write_text("keep")
+    result = _run(*_writing_command(command, str(blocker / "out") if where == "below" else str(blocker), request))
+    _one_line_error(result, str(blocker))
+    assert "Ray" not in result.stderr and blocker.read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
 @pytest.fixture
@@ -75,9 +108,13 @@ def read_only_folder(tmp_path):
     subprocess.run(["umount", str(folder)], check=True)
 
 
-def test_read_only_out_is_one_line(read_only_folder):
-    _one_line_error(_run("pairgen", "run", "--out", str(read_only_folder / "pairs"), "--num-pairs", "4"),
-                    "Read-only file system", str(read_only_folder))
+@pytest.mark.parametrize("command, where", [("pairgen", "below"), ("train", "itself"), ("export", "below")])
+def test_read_only_out_is_one_line(command, where, read_only_folder, request):
+    """--out in, or at, a read-only folder: one line saying so and naming it, exit 2."""
+    out = str(read_only_folder / "out") if where == "below" else str(read_only_folder)
+    result = _run(*_writing_command(command, out, request))
+    _one_line_error(result, "Read-only file system", str(read_only_folder))
+    assert "Ray" not in result.stderr and list(read_only_folder.iterdir()) == []
 
 
 def test_pairgen_status_json_and_relative_out(tmp_path, sd15_teacher):

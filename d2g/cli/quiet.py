@@ -20,11 +20,17 @@ _NOISY_LOGGERS = ("diffusers", "transformers", "huggingface_hub", "urllib3", "bo
 VERBOSE_ENV = "D2G_VERBOSE"  # inherited by Ray workers, so actors follow the driver's -v
 
 
+def is_verbose() -> bool:
+    """Whether this process (a CLI, or a Ray worker that inherited the driver's environment) runs
+    with -v: the D2G_VERBOSE environment variable that `setup_cli_output` sets."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
 def quiet_third_party(verbose: bool | None = None) -> None:
     """Silence library chatter unless verbose (default: the D2G_VERBOSE environment variable).
     Idempotent; call once per process (the CLI's main, each Ray actor's constructor)."""
     if verbose is None:
-        verbose = os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+        verbose = is_verbose()
     if verbose:
         return
     for category, message in _NOISY_WARNINGS:

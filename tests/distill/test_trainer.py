@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,16 +80,25 @@ def test_sigkill_between_checkpoints_then_resume(pairs, sd15_teacher, tmp_path):
     assert summary["rank_weight_hashes"] == reference.rank_weight_hashes
 
 
-def test_two_ray_train_workers_end_with_identical_weights(ray_local, pairs, sd15_teacher, tmp_path):
-    from distill.ray_launch import train
-
-    config = _config(pairs, sd15_teacher, tmp_path / "ddp", max_steps=3, use_ray=True, workers=2,
-                     cpus_per_worker=0.5, threads=1)
-    summary = train(config)
+def test_two_ray_train_workers_end_with_identical_weights_and_v_shows_ray(ray_local, pairs, sd15_teacher, tmp_path):
+    """Two DDP ranks on Ray Train end with equal weights; run as a user would, with -v and stderr
+    not a terminal: Ray's own output (workers' lines, Ray Train's banners) is shown, in plain text."""
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "distill"), "train", "--data", pairs, "--teacher", str(sd15_teacher),
+         "--out", str(tmp_path / "ddp"), "--objective", "d2g", "--objective-config", json.dumps(OBJECTIVE),
+         "--max-steps", "3", "--batch-size", "4", "--checkpoint-every", "3", "--log-every", "1", "--lr-g", "1e-4",
+         "--lr-d", "1e-4", "--shuffle-block", "8", "--seed", "3", "--workers", "2", "--cpus-per-worker", "0.5",
+         "--threads", "1", "--json", "-v"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
     hashes = summary["rank_weight_hashes"]
     assert len(hashes) == 2 and hashes[0] == hashes[1]
     assert summary["steps"] == 3
     assert (tmp_path / "ddp" / "checkpoints" / "step-00000003" / "COMPLETE").exists()
+    assert "(RayTrainWorker pid=" in result.stderr and "Started training worker group" in result.stderr
+    assert not re.search(r"\x1b\[[0-9;]*m", result.stderr), "Ray colours its prefixes only on a terminal"
 
 
 def test_corrupt_shard_is_named_or_skipped(pairs, sd15_teacher, tmp_path):
@@ -258,12 +268,23 @@ def test_outputs_reach_an_object_store_and_relative_paths_survive_ray(pairs, sd1
     assert fs.cat(f"{s3_bucket}/student/README.md").decode().startswith("---\nlibrary_name: diffusers")
     assert not (Path.cwd() / "s3:").exists()
 
+    # The same in Ray Train mode from the command line, as a user runs it (stderr not a terminal, no -v):
+    # what it prints is the driver's own lines, nothing forwarded from Ray (the -v counterpart is
+    # test_two_ray_train_workers_end_with_identical_weights_and_v_shows_ray).
     os.symlink(pairs, tmp_path / "pairs")
     result = subprocess.run([str(Path(sys.executable).parent / "distill"), "train", "--data", "pairs", "--teacher",
                              str(sd15_teacher), "--out", "runs/rel", "--objective", "regression", "--max-steps", "2",
-                             "--batch-size", "4", "--cpus-per-worker", "0.5", "--no-progress", "--json"],
+                             "--batch-size", "4", "--cpus-per-worker", "0.5", "--json"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address})
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout)["out"] == str(tmp_path / "runs" / "rel")
     assert (tmp_path / "runs" / "rel" / "checkpoints" / "step-00000002" / "COMPLETE").exists()
+    lines = result.stderr.splitlines()
+    assert "\x1b" not in result.stderr and "\r" not in result.stderr, "no ANSI codes, no bar refreshes"
+    assert not any("pid=" in line or "it/s]" in line for line in lines), result.stderr
+    # log_every (10) > max_steps (2): one progress line, for the last step; then the summary. A third
+    # line is allowed only for the notice the driver prints if no worker started within 2 minutes.
+    assert len(lines) <= 3, result.stderr
+    assert sum(line.startswith("distill: step 2/2 ") and "steps/s" in line and "ETA" in line for line in lines) == 1
+    assert lines[-1].startswith("distill: 2 steps in "), result.stderr
