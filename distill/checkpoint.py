@@ -20,6 +20,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from store.s3_retries import count_retries
+
 STEP_DIR = re.compile(r"step-(\d{8})$")
 MARKER = "COMPLETE"
 
@@ -30,7 +32,9 @@ class CheckpointError(RuntimeError):
 
 def _url_to_fs(url: str):
     options = {"use_listings_cache": False} if "://" in url and not url.startswith(("file://", "memory://")) else {}
-    return fsspec.core.url_to_fs(url, **options)
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    count_retries(fs)  # S3 requests re-sent after a failure count in store.s3_retries, as the store's do
+    return fs, path
 
 
 class CheckpointStore:

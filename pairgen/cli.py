@@ -54,8 +54,8 @@ def _print_summary(summary: dict) -> None:
           f"({summary['bytes_written'] / 1e6:.1f} MB) in {summary['seconds']:.1f} s: "
           f"{summary['pairs_per_second']:.1f} pairs/s, {summary['pairs_per_second_per_worker']:.1f} per worker", file=sys.stderr)
     print(f"  reused {summary['shards_reused']} complete shards; retries {summary['retries']}, actors replaced "
-          f"{summary['actors_replaced']}; truncated prompts {summary['truncated_prompts']}, empty prompts skipped "
-          f"{summary['empty_prompts_skipped']}", file=sys.stderr)
+          f"{summary['actors_replaced']}, S3 requests retried {summary['s3_retries']}; truncated prompts "
+          f"{summary['truncated_prompts']}, empty prompts skipped {summary['empty_prompts_skipped']}", file=sys.stderr)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ from pairgen.plan import ShardTask, plan_shards
 from pairgen.prompts import PromptSource, load_prompts
 from store import PairStore, ShardInfo, StoreError, absolute_url
 from store.layout import shard_number
+from store.s3_retries import retried_requests
 
 # Test-only fault injection: the driver SIGKILLs itself after N shards finish in this run,
 # exactly as an operator's `kill -9` or a lost head node would.
@@ -65,8 +66,9 @@ class RunSummary:
     """What a run did, for the CLI's summary line and `--json`: its `out` root and `version`; the
     plan (`num_pairs`, `num_shards`, `workers`); the work (`shards_generated`, `shards_reused`,
     `shards_repaired`, `pairs_generated`, `bytes_written`, `seconds` of wall time, `worker_seconds`
-    of actor time); the trouble (`retries`, `actors_replaced`, `truncated_prompts`,
-    `empty_prompts_skipped`, `actors_given_up` for lack of resources)."""
+    of actor time); the trouble (`retries` of shards, `actors_replaced`, `truncated_prompts`,
+    `empty_prompts_skipped`, `actors_given_up` for lack of resources, and `s3_retries`: S3 requests
+    that failed and were re-sent, by the driver and by the actors for the shards they finished)."""
 
     out: str
     num_pairs: int = 0
@@ -85,6 +87,7 @@ class RunSummary:
     workers: int = 0
     shards_repaired: list[str] = field(default_factory=list)
     actors_given_up: int = 0
+    s3_retries: int = 0
 
     def as_dict(self) -> dict:
         """The summary as JSON-ready values, with the derived rates (pairs/s, per worker, per busy second)."""
@@ -297,6 +300,7 @@ class PairgenRun:
         the summary. RunError, StoreError or TeacherError for what the user must fix."""
         # Everything a user can get wrong is checked here, before Ray starts and before the first
         # byte is written to --out (the prompts were read in __init__).
+        driver_retried_before = retried_requests()
         check_teacher(self.config.teacher, self.config.revision)
         _validate_against_store(self.store, self.config, self.fingerprint)
         plan = plan_shards(self.config.num_pairs, self.config.shard_size)
@@ -313,6 +317,9 @@ class PairgenRun:
         self.summary.seconds = time.perf_counter() - began
         self.summary.shards_repaired = sorted(damaged)
         self.summary.version = self._commit(done, repaired=sorted(damaged))
+        # The actors' counts came in with their shards; the driver's own requests (listings,
+        # indexes, the commits) are counted in this process.
+        self.summary.s3_retries += retried_requests() - driver_retried_before
         return self.summary
 
     def _dispatch(self, todo: list[ShardTask], done: dict[str, ShardInfo]) -> None:
@@ -364,6 +371,7 @@ class PairgenRun:
                     self.summary.worker_seconds += result["seconds"]
                     self.summary.bytes_written += info.tar_bytes + info.index_bytes
                     self.summary.truncated_prompts += result["truncated"]
+                    self.summary.s3_retries += result.get("s3_retries", 0)
                     bar.update(result["samples"])
                     bar.set_postfix(retries=self.summary.retries, shards=len(done))
                     since_commit += 1

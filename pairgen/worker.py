@@ -22,6 +22,7 @@ from d2g.teacher.solver import SolverSettings, TeacherSolver, to_numpy
 from pairgen.config import GenerationConfig
 from pairgen.plan import ShardTask
 from store import TRAJECTORY, TRAJECTORY_TIMESTEPS, FieldSpec, PairStore, Schema, layout
+from store.s3_retries import retried_requests
 
 # Test-only fault injection: "SHARD:BATCHES:MARKER" makes the process die (as a node would) after
 # writing BATCHES batches of shard SHARD, once: the marker file records that it happened.
@@ -120,8 +121,11 @@ class ShardGenerator:
         ]
 
     def generate(self, task: ShardTask) -> dict:
-        """Solve and write one shard; returns its ShardInfo as a dict plus run statistics."""
+        """Solve and write one shard; returns its ShardInfo as a dict plus run statistics (seconds,
+        truncated prompts, samples, and the S3 requests retried while writing it)."""
         began = time.perf_counter()
+        # An actor runs one shard at a time, so the process's count moves only for this shard.
+        retried_before = retried_requests()
         truncated = self.solver.count_truncated(task.prompts)
         batch_size = self.config.batch_size
         opened = (self.store.repair_shard_writer(task.repair, self.schema) if task.repair is not None
@@ -139,4 +143,5 @@ class ShardGenerator:
             finally:
                 background.finish()
         return {"info": writer.info.to_dict(), "seconds": time.perf_counter() - began,
-                "truncated": truncated, "samples": task.size, "name": task.name}
+                "truncated": truncated, "samples": task.size, "name": task.name,
+                "s3_retries": retried_requests() - retried_before}

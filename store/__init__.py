@@ -6,7 +6,13 @@ here. Import only what you need; torch is loaded lazily by the reader.
 """
 
 from . import layout
-from .errors import CorruptShardError, FingerprintMismatch, StoreError, VersionConflict
+from .errors import (
+    CorruptShardError,
+    FingerprintMismatch,
+    StorageUnavailableError,
+    StoreError,
+    VersionConflict,
+)
 from .manifest import Manifest, ShardInfo
 from .pairstore import PairStore
 from .schema import (
@@ -33,7 +39,8 @@ from .writer import ShardDestination, ShardWriter
 __all__ = [
     "PairStore", "Schema", "FieldSpec", "ShardInfo", "Manifest", "PairDataset", "PairLoader",
     "ShardWriter", "ShardDestination", "TaggedSample", "SkippedRun",
-    "StoreError", "VersionConflict", "FingerprintMismatch", "CorruptShardError", "parse_url", "absolute_url", "layout",
+    "StoreError", "VersionConflict", "FingerprintMismatch", "CorruptShardError", "StorageUnavailableError",
+    "parse_url", "absolute_url", "layout",
     "NOISE", "LATENT", "PROMPT_EMBEDS", "POOLED_PROMPT_EMBEDS", "TRAJECTORY",
     "KEY", "INDEX", "PROMPT", "SEED", "META", "JSON", "SHARD", "TRAJECTORY_TIMESTEPS", "META_FIELDS",
 ]

@@ -7,6 +7,7 @@ sends If-None-Match: * so a second creator is refused by the server itself.
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 from collections.abc import Callable
@@ -26,7 +27,11 @@ def _atomic_upload(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Create `path` holding `data`; FileExistsError if it already exists. Never overwrites."""
+    """Create `path` holding `data`; FileExistsError if it already exists. Never overwrites.
+
+    On an object store the server refuses a second creator (If-None-Match), and a create whose
+    response was lost comes back refused when the client re-sends it; the file then holds exactly
+    `data`, and that counts as created."""
     if is_local(fs):
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
         tmp = temp_path(path)
@@ -39,8 +44,28 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> N
         finally:
             os.unlink(tmp)
         return
-    with fs.open(path, "xb") as f:
-        f.write(data)
+    # A file there before we start is someone else's, whatever it holds.
+    if fs.exists(path):
+        raise FileExistsError(errno.EEXIST, "File exists", path)
+    try:
+        with fs.open(path, "xb") as f:
+            f.write(data)
+    except FileExistsError:
+        # The create may have succeeded with its response lost (a connection reset): the client
+        # re-sends the PUT (botocore's retries; aiohttp itself when the connection drops)
+        # and the server answers 412 as it would for another writer's file. The file was absent a
+        # moment ago, so one holding exactly our bytes is our own create, done (or a concurrent
+        # writer's identical one, which leaves the same result).
+        if not _holds(fs, path, data):
+            raise
+
+
+def _holds(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Whether the file at `path` holds exactly `data`."""
+    try:
+        return fs.size(path) == len(data) and fs.cat_file(path) == data
+    except FileNotFoundError:
+        return False
 
 
 def replace(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

@@ -9,6 +9,7 @@ import sys
 from . import console
 from .errors import StoreError
 from .pairstore import PairStore
+from .s3_retries import is_s3, retried_requests
 from .schema import INDEX, KEY, PROMPT, SEED, SHARD
 from .url import parse_url
 
@@ -65,26 +66,32 @@ def cmd_info(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    """`store verify URL[@vN]`: check every shard of a version; exit status 1 if any is bad."""
+    """`store verify URL[@vN]`: check every shard of a version; exit status 1 if any is bad. The
+    summary counts the S3 requests that were retried (store.s3_retries)."""
     from tqdm import tqdm
 
     from .verify import verify_version
 
+    retried_before = retried_requests()
     st, version = _open(args.url)
     m = st.manifest(version)
     total = sum(s.tar_bytes for s in m.shards)
     with tqdm(total=total, unit="B", unit_scale=True, file=sys.stderr, disable=None, desc="verify") as bar:
         problems = verify_version(st, m, deep=args.deep, jobs=args.jobs, progress=bar.update)
+    s3_retries = retried_requests() - retried_before  # everything this command sent, the manifest too
     if args.json:
         console.print_json({"url": f"{st.url}@v{m.version}", "version": m.version, "deep": args.deep,
                           "ok": not problems, "num_shards": m.num_shards, "num_pairs": m.num_pairs,
+                          "s3_retries": s3_retries,
                           "bad": [{"shard": p.shard, "reason": p.reason} for p in problems]})
     else:
         for p in problems:
             print(f"BAD {p.shard}: {p.reason}")
         status = "OK" if not problems else f"FAILED: {len(problems)} bad shard(s)"
+        # Said for S3 roots only (elsewhere it is always 0), before the status, which ends the line.
+        retried = f", {s3_retries} S3 requests retried" if is_s3(st.fs) else ""
         print(f"{st.url}@v{m.version}: {m.num_shards} shards, {m.num_pairs} pairs checked"
-              f"{' (deep)' if args.deep else ''}: {status}")
+              f"{' (deep)' if args.deep else ''}{retried}: {status}")
         if problems:
             print("A pairgen dataset is repaired by re-running the pairgen command that made it with --repair: "
                   "it regenerates exactly these shards, byte-identical, and commits a new version.", file=sys.stderr)

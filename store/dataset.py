@@ -18,7 +18,7 @@ import xxhash
 from torch.utils.data import IterableDataset, get_worker_info
 
 from . import layout
-from .errors import CorruptShardError, StoreError
+from .errors import CorruptShardError, StoreError, transient_as_unavailable
 from .manifest import ShardInfo
 from .order import Base, EpochOrder, IntervalSet, rank_range, split_by_count
 from .pairstore import PairStore
@@ -482,8 +482,10 @@ class _ChunkReader:
             self.indexes.move_to_end(shard.name)
             return sidx
         url = self.store.shard_url(shard.name)
+        where = f"reading the index of shard {shard.name} ({layout.index_path(self.store.url, shard.name)})"
         try:
-            data = self.store.fs.cat_file(layout.index_path(self.store.root, shard.name))
+            with transient_as_unavailable(where):
+                data = self.store.fs.cat_file(layout.index_path(self.store.root, shard.name))
         except FileNotFoundError:
             raise CorruptShardError(shard.name, url, "index file missing") from None
         if len(data) != shard.index_bytes or (self.ds.verify_hashes and xxhash.xxh3_64_hexdigest(data) != shard.index_xxh3):

@@ -17,7 +17,15 @@ import fsspec
 import xxhash
 
 from . import atomic, index, layout
-from .errors import CorruptShardError, FingerprintMismatch, StoreError, VersionConflict
+from .errors import (
+    CorruptShardError,
+    FingerprintMismatch,
+    StoreError,
+    VersionConflict,
+    is_transient,
+    transient_as_unavailable,
+    unavailable,
+)
 from .manifest import Manifest, ShardInfo, check_no_credentials, fingerprint_diff
 from .reading import ShardIndex, read_samples
 from .schema import META_FIELDS, PROMPT, SEED, SHARD, Schema
@@ -33,6 +41,14 @@ def toolkit_version() -> str:
         return version("d2g")
     except Exception:
         return "unknown"
+
+
+def _raise_if_transient(result: object, what: str) -> None:
+    """Raise StorageUnavailableError if `result` (one value of `fs.cat(..., on_error="return")`)
+    is a failure of the storage rather than a fact about the file: a shard whose index could not
+    be read for a 503 is neither incomplete nor damaged, and must not be redone or reported."""
+    if isinstance(result, BaseException) and is_transient(result):
+        raise unavailable(result, what) from result
 
 
 class PairStore:
@@ -145,8 +161,10 @@ class PairStore:
 
     # -- shards -----------------------------------------------------------------------------
     def _read_index_bytes(self, name: str) -> bytes | None:
+        where = f"reading the index of shard {name} ({layout.index_path(self.url, name)})"
         try:
-            return self.fs.cat_file(layout.index_path(self.root, name))
+            with transient_as_unavailable(where):
+                return self.fs.cat_file(layout.index_path(self.root, name))
         except FileNotFoundError:
             return None
 
@@ -172,7 +190,8 @@ class PairStore:
 
     def _tar_size(self, name: str) -> int | None:
         try:
-            return int(self.fs.info(layout.tar_path(self.root, name))["size"])
+            with transient_as_unavailable(f"looking up shard {name} ({self.shard_url(name)})"):
+                return int(self.fs.info(layout.tar_path(self.root, name))["size"])
         except FileNotFoundError:
             return None
 
@@ -209,6 +228,7 @@ class PairStore:
         out: dict[str, ShardInfo] = {}
         for n, p in zip(names, paths, strict=True):
             data = blobs.get(p) if isinstance(blobs, dict) else None
+            _raise_if_transient(data, f"reading the index of shard {n} ({layout.index_path(self.url, n)})")
             if not isinstance(data, bytes):
                 continue
             got = self._info_from_index(n, data, tars[n])
@@ -360,7 +380,8 @@ class PairStore:
         if cached is not None:
             return cached
         try:
-            data = self.fs.cat_file(layout.manifest_path(self.root, version))
+            with transient_as_unavailable(f"reading {layout.manifest_path(self.url, version)}"):
+                data = self.fs.cat_file(layout.manifest_path(self.root, version))
         except FileNotFoundError:
             existing = self.versions()
             listed = ", ".join(f"v{v}" for v in existing) or "none"
@@ -403,6 +424,7 @@ class PairStore:
             blobs = self.fs.cat(paths, on_error="return")
             for s, p in zip(new, paths, strict=True):
                 data = blobs.get(p)
+                _raise_if_transient(data, f"reading the index of shard {s.name} ({layout.index_path(self.url, s.name)})")
                 if not isinstance(data, bytes):
                     raise StoreError(
                         f"cannot commit shard {s.name}: its index {layout.index_path(self.url, s.name)} is missing"

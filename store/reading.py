@@ -10,7 +10,7 @@ import numpy as np
 import xxhash
 
 from . import index as index_mod
-from .errors import CorruptShardError, StoreError
+from .errors import CorruptShardError, StorageUnavailableError, StoreError, transient_as_unavailable
 from .schema import BF16, INDEX, JSON, KEY, META_FIELDS, PROMPT, SEED, Schema, parse_npy_header
 from .url import is_local
 
@@ -105,13 +105,20 @@ def fetched_members(fields: list[str]) -> list[str]:
 
 def fetch_range(fs, path: str, url: str, shard: str, start: int, end: int):
     """Bytes [start, end) of a shard's tar, as a writable 1-D byte buffer (bytearray or uint8
-    array) that tensors can share."""
+    array) that tensors can share. CorruptShardError if the tar is missing or too short;
+    StorageUnavailableError if the storage kept failing through the client's retries."""
     if is_local(fs):
         return _read_local(path, url, shard, start, end)
     try:
-        data = fs.cat_file(path, start=start, end=end)
+        # The client has retried what can be retried by now. A service or network failure says
+        # nothing about the shard: reporting it as corrupt would make on_corrupt="skip" drop good
+        # samples for the rest of the epoch.
+        with transient_as_unavailable(f"reading shard {shard} ({url})"):
+            data = fs.cat_file(path, start=start, end=end)
     except FileNotFoundError:
         raise CorruptShardError(shard, url, "tar file missing") from None
+    except StorageUnavailableError:
+        raise
     except OSError as exc:
         raise CorruptShardError(shard, url, f"read failed: {exc}") from exc
     if len(data) != end - start:

@@ -8,6 +8,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from .errors import StoreError
+from .s3_retries import count_retries
 
 # Anchored at the end so '@' elsewhere in a URL (user@host, bucket names) is never mistaken.
 _VERSION_RE = re.compile(r"@v(\d+)$")
@@ -39,6 +40,7 @@ def filesystem(root: str, storage_options: dict | None = None) -> tuple[fsspec.A
         fs, path = fsspec.core.url_to_fs(root, **options)
     except (ImportError, ValueError) as exc:
         raise StoreError(f"cannot open dataset root {root!r}: {exc}") from exc
+    count_retries(fs)  # so the commands' summaries can say how many S3 requests were retried
     return fs, path.rstrip("/")
 
 

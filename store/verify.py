@@ -12,7 +12,7 @@ import xxhash
 
 from . import index as index_mod
 from . import layout
-from .errors import StoreError
+from .errors import StorageUnavailableError, StoreError, is_transient, unavailable
 from .manifest import Manifest, ShardInfo
 from .pairstore import PairStore
 from .schema import INDEX, JSON, KEY, Schema, parse_npy_header
@@ -41,6 +41,8 @@ def verify_version(
     found). Checks each index and tar against the manifest's sizes and hashes; `deep` also checks
     every member's hash, every json record against its index row and every .npy header against
     the schema. `jobs` tars are hashed in parallel; `progress(n)` is called with bytes read.
+    StorageUnavailableError (and no verdict) if the storage keeps failing through the client's
+    retries.
 
     Index files are parsed on this thread (pyarrow used from short-lived reader threads can abort
     the interpreter at exit); only tar hashing runs in parallel. Shards go in batches so memory
@@ -71,6 +73,10 @@ def _check_indexes(st: PairStore, schema: Schema, shards, deep: bool) -> list:
     out: list = []
     for s, p in zip(shards, paths, strict=True):
         data = blobs.get(p)
+        if isinstance(data, BaseException) and is_transient(data):
+            # The storage failed, not the shard: no verdict on it (see _verify_tar).
+            where = f"reading the index of shard {s.name} ({layout.index_path(st.url, s.name)})"
+            raise unavailable(data, where) from data
         try:
             if not isinstance(data, bytes):
                 if isinstance(data, FileNotFoundError) or data is None:
@@ -104,8 +110,16 @@ def _verify_tar(st: PairStore, s: ShardInfo, checker, tick) -> Problem | None:
         _check_tar(st, s, checker, tick)
     except _Bad as exc:
         return Problem(s.name, str(exc))
-    except (OSError, StoreError, ValueError) as exc:
-        return Problem(s.name, f"tar unreadable: {exc}")
+    except StorageUnavailableError:
+        raise
+    except Exception as exc:
+        # A storage that kept failing through the client's retries gives no verdict on the shard:
+        # calling it bad would send the user to regenerate good data. The whole check stops.
+        if is_transient(exc):
+            raise unavailable(exc, f"reading shard {s.name} ({st.shard_url(s.name)})") from exc
+        if isinstance(exc, (OSError, StoreError, ValueError)):
+            return Problem(s.name, f"tar unreadable: {exc}")
+        raise
     return None
 
 
