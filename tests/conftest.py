@@ -62,6 +62,25 @@ def s3_endpoint() -> str:
 
 
 @pytest.fixture
+def s3_faults(s3_endpoint, monkeypatch):
+    """A fault-injecting proxy in front of the moto server (tests/helpers/s3_faults.py), exported
+    as AWS_ENDPOINT_URL for this test, so our code and CLIs (and their subprocesses) reach moto
+    through it with no extra flag. It forwards everything until the test sets its `rate`."""
+    import s3fs
+
+    from tests.helpers.s3_faults import FaultyS3Proxy
+
+    proxy = FaultyS3Proxy(s3_endpoint).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    # s3fs caches filesystems by their arguments, not by the environment: a cached one would
+    # still talk to moto directly, and after the test one bound to the proxy would outlive it.
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield proxy
+    s3fs.S3FileSystem.clear_instance_cache()
+    proxy.stop()
+
+
+@pytest.fixture
 def s3_bucket(s3_endpoint) -> str:
     """A fresh bucket per test; returns its s3:// URL."""
     import s3fs
@@ -91,6 +110,60 @@ def ray_local(s3_endpoint):
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_job_address(s3_endpoint, tmp_path_factory):
+    """A second local Ray, with a job server, as a cluster's head node runs it: `ray start --head`
+    with our CLIs on its PATH and the S3 endpoint in its environment, which submitted jobs inherit
+    (as a cluster's nodes get both from their image). Yields the job server's http:// address.
+
+    Every port is chosen free: a second Ray's fixed defaults (the dashboard agent's 52365, the
+    client server's 10001) would collide with any other Ray on this machine. Stopped by killing
+    its own process group, never `ray stop` (which ends every Ray on the machine)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    bin_dir = Path(sys.executable).parent
+    dashboard = _free_port()
+    ports = {"--port": _free_port(), "--dashboard-port": dashboard, "--dashboard-agent-listen-port": _free_port(),
+             "--dashboard-agent-grpc-port": _free_port(), "--ray-client-server-port": _free_port(),
+             "--runtime-env-agent-port": _free_port(), "--metrics-export-port": _free_port(),
+             "--node-manager-port": _free_port(), "--object-manager-port": _free_port()}
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = tmp_path_factory.mktemp("ray-head")
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--include-dashboard", "true",
+         "--dashboard-host", "127.0.0.1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
+         "--temp-dir", str(temp_dir), *[str(x) for kv in ports.items() for x in kv]],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # the dashboard answers (401 without a token) once the head is up
+            try:
+                with urllib.request.urlopen(f"{address}/api/version", timeout=2):
+                    break
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                assert head.poll() is None, "ray start --head exited"
+                assert time.monotonic() < deadline, "the job server did not come up in 120 s"
+                time.sleep(0.5)  # polling a server that is starting, not waiting for time to pass
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+    pointer = Path("/tmp/ray/ray_current_cluster")  # a later plain ray.init() must not try to join it
+    if pointer.exists() and str(ports["--port"]) in pointer.read_text():
+        pointer.unlink()
 
 
 @pytest.fixture(scope="session")

@@ -31,9 +31,9 @@ BIN = Path(sys.executable).parent
 # The only edits made to documented commands, applied in this order. {bucket}: a fresh moto bucket;
 # {sd15}: a tiny SD1.5-architecture teacher folder; {package}: the installed d2g package folder.
 SUBSTITUTIONS: list[tuple[str, str]] = [
-    # The cluster: a job's entrypoint runs here on a local Ray instead of through a head node's job server.
-    (r"http://HEAD_NODE:8265", "{ray_address}"),
-    (r"ray job submit --working-dir \. -- ", ""),
+    # The cluster: the suite's local Ray, whose job server runs what `ray job submit` sends. Its token
+    # (token auth is Ray's default) is in ~/.ray/auth_token, where Ray's clients look for it.
+    (r"http://HEAD_NODE:8265", "{job_address}"),
     (r"s3://(YOUR-BUCKET|bucket)", "{bucket}"),
     (r"stable-diffusion-v1-5/stable-diffusion-v1-5", "{sd15}"),
     (r"--num-pairs 3000000\b", "--num-pairs 16"),
@@ -184,23 +184,27 @@ PROMPT_FILES = ("coco.txt", "prompts/coco2014_train_captions.txt", "prompts/coco
 
 
 @pytest.fixture(scope="module")
-def doc_envs(tmp_path_factory, ray_local, sd15_teacher, sdxl_teacher):
+def doc_envs(tmp_path_factory, ray_local, ray_job_address, sd15_teacher, sdxl_teacher):
     """One environment per document, made on first use: each document is read on its own, in order.
     `--help` examples are read with the README (they use what its commands made). Every command
-    joins the suite's local Ray (the "cluster"), instead of starting a Ray of its own."""
+    joins the suite's local Ray (the "cluster"), instead of starting a Ray of its own; jobs/README.md
+    is read as its user would, with RAY_ADDRESS exported as its first block says: the job server."""
     envs: dict[str, tuple] = {}
     address = ray_local.get_runtime_context().gcs_address
 
     def get(source: str) -> tuple:
         source = "README.md" if source.endswith("--help") else source
         if source not in envs:
-            envs[source] = _doc_env(tmp_path_factory, sd15_teacher, sdxl_teacher, address)
+            cwd, env, values = _doc_env(tmp_path_factory, sd15_teacher, sdxl_teacher, address, ray_job_address)
+            if source == "jobs/README.md":
+                env.update(RAY_ADDRESS=ray_job_address, RAY_AUTH_MODE="token")
+            envs[source] = cwd, env, values
         return envs[source]
 
     return get
 
 
-def _doc_env(tmp_path_factory, sd15_teacher, sdxl_teacher, ray_address: str):
+def _doc_env(tmp_path_factory, sd15_teacher, sdxl_teacher, ray_address: str, job_address: str):
     """What a document assumes exists: the user's bucket with their caption files, the calibrated
     LatentLPIPS file a job config names, the jobs/ folder; our CLIs on PATH, no GPU, no hub."""
     import uuid
@@ -222,7 +226,7 @@ def _doc_env(tmp_path_factory, sd15_teacher, sdxl_teacher, ray_address: str):
     save_lpips(LatentLPIPS(latent_channels=4, width=0.125), lpips)
     values = {"bucket": bucket, "sd15": str(sd15_teacher), "sdxl": str(sdxl_teacher),
               "package": str(Path(d2g.__file__).parent), "root": str(ROOT), "cwd": str(cwd), "lpips": str(lpips),
-              "ray_address": ray_address}
+              "ray_address": ray_address, "job_address": job_address}
     (cwd / "jobs").mkdir()
     for job in (ROOT / "jobs").glob("*.yaml"):
         (cwd / "jobs" / job.name).write_text(substitute(job.read_text(), values))
@@ -252,7 +256,7 @@ def test_documented_block_runs_as_written(block, doc_envs):
 def test_substitutions_only_touch_what_they_name():
     """The table cannot rewrite a command into another one: each rule's result keeps the flag it matched."""
     values = {"bucket": "s3://moto", "sd15": "/t/sd15", "sdxl": "/t/sdxl", "package": "/p", "root": "/r",
-              "cwd": "/c", "lpips": "/w.safetensors", "ray_address": "127.0.0.1:1"}
+              "cwd": "/c", "lpips": "/w.safetensors", "ray_address": "127.0.0.1:1", "job_address": "http://127.0.0.1:2"}
     assert substitute("pairgen run --num-pairs 3000000 --out s3://bucket/x", values) == \
         "pairgen run --num-pairs 16 --out s3://moto/x"
     assert substitute("distill train --max-steps 4000", values) == "distill train --max-steps 4000"
