@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run `distill`; exit codes and output conventions as in store.console."""
     from d2g.cli.quiet import setup_cli_output
+    from d2g.cli.ray_start import RayAddressError
     from d2g.teacher.loading import TeacherError
     from distill.checkpoint import CheckpointError
     from distill.lpips.checkpoints import CheckpointError as LPIPSFileError
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from store import StoreError, console
 
     expected = (TrainConfigError, ObjectiveError, TeacherError, StoreError, CheckpointError, LPIPSFileError,
-                TrainingStopped)
+                TrainingStopped, RayAddressError)
     parser = build_parser()
     console.add_verbosity_flags(parser)
     return console.run_command(parser, argv, expected,

@@ -221,6 +221,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                                                      "weights": os.path.abspath(str(weights))}
     config.check_inputs()
     if config.use_ray:
+        from d2g.cli.ray_start import check_ray_address
+
+        check_ray_address(os.environ.get("RAY_ADDRESS", ""))
         return train_on_ray(config, progress)
     if config.workers != 1:
         raise TrainConfigError(f"--workers {config.workers} needs Ray (drop --no-ray, or use --workers 1)")

@@ -85,13 +85,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run `pairgen`; exit codes and output conventions as in store.console."""
+    from d2g.cli.ray_start import RayAddressError
     from d2g.teacher.loading import TeacherError
     from pairgen.prompts import PromptSourceError
     from pairgen.runner import RunError
     from store import StoreError
 
     return console.run_command(build_parser(), argv,
-                               (ConfigError, PromptSourceError, TeacherError, StoreError, RunError),
+                               (ConfigError, PromptSourceError, TeacherError, StoreError, RunError, RayAddressError),
                                "interrupted; finished shards are kept, re-run the same command to continue",
                                setup=setup_cli_output)
 

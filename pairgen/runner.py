@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from d2g.cli.quiet import worker_env
-from d2g.cli.ray_start import ensure_ray
+from d2g.cli.ray_start import check_ray_address, ensure_ray
 from d2g.teacher.loading import TeacherError, check_teacher
 from pairgen.config import GenerationConfig
 from pairgen.fingerprint import build_fingerprint
@@ -302,6 +302,7 @@ class PairgenRun:
         # byte is written to --out (the prompts were read in __init__).
         driver_retried_before = retried_requests()
         check_teacher(self.config.teacher, self.config.revision)
+        check_ray_address(os.environ.get("RAY_ADDRESS", ""))
         _validate_against_store(self.store, self.config, self.fingerprint)
         plan = plan_shards(self.config.num_pairs, self.config.shard_size)
         self.summary.num_shards = len(plan)

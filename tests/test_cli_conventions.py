@@ -167,3 +167,21 @@ def test_distill_user_errors_are_one_line(tmp_path, sd15_teacher):
                          "{regression_loss: e_latent_lpips, regression_kwargs: {weights: /no/such.pth}}",
                          "--data", str(missing)), str(missing))
     _one_line_error(_run("distill", "export", str(tmp_path / "no-run"), "--out", str(tmp_path / "x")), "no-run")
+
+
+@pytest.mark.parametrize("command", ["pairgen", "distill"])
+def test_job_server_address_outside_a_job_is_one_line(tmp_path, command):
+    """RAY_ADDRESS still set to the job server's http:// URL (jobs/README.md exports it for `ray job
+    submit`) when a command is run directly: one line saying what to do, before anything is written."""
+    from tests.helpers.store_data import make_dataset
+
+    out = tmp_path / "out"
+    if command == "pairgen":
+        argv = ["pairgen", "run", "--num-pairs", "4", "--shard-size", "4", "--steps", "2", "--out", str(out)]
+    else:
+        make_dataset(str(tmp_path / "pairs"))
+        argv = ["distill", "train", "--data", str(tmp_path / "pairs"), "--teacher", "shapes", "--objective", "regression",
+                "--max-steps", "1", "--out", str(out)]
+    result = _run(*argv, env={"RAY_ADDRESS": "http://127.0.0.1:8265"})
+    _one_line_error(result, "RAY_ADDRESS=http://127.0.0.1:8265", "ray job submit", "HEAD_NODE:6379")
+    assert not out.exists()

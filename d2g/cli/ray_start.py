@@ -27,6 +27,21 @@ def plain_ray_output_unless_tty() -> None:
         os.environ.setdefault(RAY_COLOR_PREFIX_ENV, "0")
 
 
+class RayAddressError(RuntimeError):
+    """RAY_ADDRESS names something this command cannot join; the message says what to set instead."""
+
+
+def check_ray_address(address: str) -> None:
+    """RayAddressError for a RAY_ADDRESS that `ray.init` cannot join: the job server's http(s)://
+    URL, which users export for `ray job submit` (jobs/README.md) and then run a command outside
+    a job with it still set."""
+    if address.startswith(("http://", "https://")):
+        raise RayAddressError(
+            f"RAY_ADDRESS={address} is a Ray job server; submit this command with `ray job submit "
+            "--working-dir . -- ...`, or set RAY_ADDRESS to the cluster's GCS address (HEAD_NODE:6379), "
+            "or unset it to run on this machine")
+
+
 def ensure_ray(num_cpus: int | None = None, worker_logs: bool = True) -> ModuleType:
     """The `ray` module, initialised: joined to RAY_ADDRESS if set, else a local Ray with
     `num_cpus` (default: all) CPUs and no dashboard. A Ray already initialised is used as it is.
@@ -48,6 +63,7 @@ def ensure_ray(num_cpus: int | None = None, worker_logs: bool = True) -> ModuleT
     # Ray's own start-up notices (token auth, "Started a local Ray instance") only with -v.
     level = logging.INFO if is_verbose() else logging.ERROR
     if os.environ.get("RAY_ADDRESS"):
+        check_ray_address(os.environ["RAY_ADDRESS"])
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=worker_logs, logging_level=level)
     else:
         os.environ.setdefault("RAY_worker_niceness", "0")
