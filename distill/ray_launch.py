@@ -145,7 +145,7 @@ class _ProgressPoller(threading.Thread):
             self.waiting_said = True
             self.display.message(
                 f"distill: no training worker has started after {WAITING_NOTICE_SECONDS:.0f} s; Ray Train waits for "
-                f"{self.config.workers} worker(s) with {self.resources} each (`ray status` shows what the cluster "
+                f"{self.config.min_workers or self.config.workers} worker(s) with {self.resources} each (`ray status` shows what the cluster "
                 "has free; -v shows Ray's own messages)")
 
     def finish(self) -> None:
@@ -170,7 +170,14 @@ def train_on_ray(config: TrainConfig, progress: bool = True) -> dict:
 
     use_gpu = config.use_gpu if config.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    scaling = ScalingConfig(num_workers=config.workers, use_gpu=use_gpu, resources_per_worker=resources)
+    # Elastic (min_workers < workers): Ray Train starts on what fits between the two, restarts on
+    # fewer workers after a loss and on more when they fit again; every start resumes from --out's
+    # latest checkpoint with the run's global batch (Trainer), so the data order carries over exactly.
+    low = config.min_workers or config.workers
+    elastic = low < config.workers
+    scaling = ScalingConfig(num_workers=(low, config.workers) if elastic else config.workers, use_gpu=use_gpu,
+                            resources_per_worker=resources,
+                            **({"elastic_resize_monitor_interval_s": config.elastic_resize_seconds} if elastic else {}))
     run_options: dict = {}
     try:
         from ray.train import LoggingConfig  # Ray Train v2
@@ -186,7 +193,12 @@ def train_on_ray(config: TrainConfig, progress: bool = True) -> dict:
     storage = os.environ.get("D2G_RAY_STORAGE") or (
         os.path.join(config.out, "ray_train") if local_out else tempfile.mkdtemp(prefix="d2g-ray-train-"))
     name = f"distill-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    inbox = ray.remote(num_cpus=0)(ProgressInbox).remote()
+    # On the driver's node: an inbox on a worker node would be lost with that node (and with it every
+    # progress line and the restart notice), while the run itself survives on the other nodes.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+    inbox = ray.remote(num_cpus=0)(ProgressInbox).options(scheduling_strategy=here).remote()
     display = ProgressDisplay(config.max_steps, desc=f"distill {config.objective}", bar=progress)
     loop_config = {"config": config.model_dump(mode="json"), "verbose": verbose, "progress_inbox": inbox,
                    "bar": display.bar_wanted}

@@ -70,7 +70,9 @@ class TrainConfig(BaseModel):
         "e.g. {lambda_gan: 0.1}")
     max_steps: int = Field(1000, gt=0, description="optimiser steps to train for")
     batch_size: int = Field(16, gt=0, description="pairs per optimiser step per worker (before accumulation)")
-    grad_accum: int = Field(1, gt=0, description="micro-batches accumulated per optimiser step")
+    grad_accum: int = Field(1, gt=0, description="micro-batches accumulated per optimiser step; workers x batch_size "
+                            "x grad_accum at the run's first start is its global batch, kept on resume (on fewer "
+                            "workers, each accumulates more micro-batches)")
     lr_g: float = Field(1e-5, gt=0, description="generator learning rate (AdamW)")
     lr_d: float = Field(1e-5, gt=0, description="discriminator learning rate (AdamW)")
     betas: tuple[float, float] = Field((0.0, 0.99), description="AdamW betas for both optimisers (GAN-style beta1=0)")
@@ -81,13 +83,21 @@ class TrainConfig(BaseModel):
     compile: bool = Field(False, description="torch.compile the generator")
     seed: int = Field(0, ge=0, description="seed of the data order and of the objective's randomness")
     workers: int = Field(1, gt=0, description="Ray Train workers (DDP ranks); 1 with --no-ray runs in-process")
+    min_workers: int | None = Field(None, gt=0, description="elastic training: Ray Train may (re)start the run on as few "
+                                    "as this many workers when no more fit, and grows back to --workers when capacity "
+                                    "returns; the global batch stays workers x batch_size x grad_accum (default: "
+                                    "--workers, no elasticity)")
+    elastic_resize_seconds: float = Field(60.0, ge=0, description="with --min-workers: how often Ray Train checks "
+                                          "whether more workers fit (it then restarts the run on them)")
     use_ray: bool = Field(True, description="run through Ray Train (TorchTrainer); --no-ray runs in this process")
     use_gpu: bool | None = Field(None, description="give each worker a GPU (default: when the cluster has GPUs)")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per Ray Train worker")
     max_failures: int = Field(3, ge=0, description="Ray Train restarts of the worker group after a worker or node "
                               "dies; each restart resumes from the latest complete checkpoint in --out")
     threads: int = Field(0, ge=0, description="torch CPU threads per worker (0: torch's default)")
-    data_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
+    data_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank (more than 1: resume stays "
+                              "exact on the same number of ranks, but a resume on another number regroups the rest "
+                              "of that epoch's samples into other global batches)")
     shuffle_block: int = Field(1024, gt=0, description="samples shuffled together in the pair stream")
     on_corrupt: Literal["raise", "skip"] = Field("raise", description="corrupt shard: stop naming it, or skip it and count it")
     checkpoint_every: int = Field(200, gt=0, description="steps between checkpoints")
@@ -104,6 +114,19 @@ class TrainConfig(BaseModel):
             return value  # `objective` itself is invalid and already reported
         # A ValidationError raised here is reported under objective_config.<field>.
         return parse_objective_config(info.data["objective"], value)
+
+    @model_validator(mode="after")
+    def _min_workers_at_most_workers(self) -> TrainConfig:
+        if self.min_workers is not None and self.min_workers > self.workers:
+            raise ValueError(f"min_workers {self.min_workers} is more than workers {self.workers}")
+        # Every worker count Ray Train may pick must split the global batch into whole micro-batches.
+        micro = self.workers * self.grad_accum
+        bad = [w for w in range(self.min_workers or self.workers, self.workers + 1) if micro % w]
+        if bad:
+            raise ValueError(f"min_workers {self.min_workers}: Ray Train may run on {bad[0]} workers, which cannot share "
+                             f"the global batch of workers {self.workers} x grad_accum {self.grad_accum} = {micro} "
+                             "micro-batches evenly; raise min_workers or grad_accum")
+        return self
 
     @model_validator(mode="after")
     def _objective_config_matches(self) -> TrainConfig:

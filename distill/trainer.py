@@ -53,10 +53,11 @@ class TrainingStopped(RuntimeError):
     """Training stopped on purpose (e.g. a non-finite loss); the last good checkpoint is kept."""
 
 
-def _data_order(micro: list[dict]) -> dict:
-    """What the step read, compactly: a digest of the sample indices in order (equal across runs iff
-    the data order is), and their range."""
-    indices = [int(i) for batch in micro for i in batch[INDEX]]
+def _data_order(per_rank: list[list[int]]) -> dict:
+    """What the step read, compactly: a digest of the global batch's sample indices, every rank's in
+    rank order (equal across runs iff the data order is, for any number of ranks: rank r reads the
+    r-th slice of the global batch), and their range."""
+    indices = [i for rank_indices in per_rank for i in rank_indices]
     digest = xxhash.xxh3_64_hexdigest(",".join(map(str, indices)).encode())
     return {"data/order_xxh3": digest, "data/index_min": min(indices), "data/index_max": max(indices)}
 
@@ -101,6 +102,14 @@ def _trainable(module: torch.nn.Module | None) -> list[torch.nn.Parameter]:
 class Trainer:
     """One rank of a training run: builds the objective and optimisers, opens the pair store,
     resumes from the run's latest checkpoint, and trains (`run`).
+
+    The global batch G = workers x batch_size x grad_accum is fixed at the run's first start and
+    kept in its checkpoints: on w ranks each rank accumulates G / (batch_size x w) micro-batches per
+    step, reading its slice of each global batch (PairDataset's global_batch mode). So a run resumed
+    on another number of ranks (Ray Train restarting on the workers that are left) trains on the
+    same global batches and ends, up to float summation order, with the uninterrupted run's weights.
+    The RNG states of ranks that did not exist before are fresh deterministic seeds: an objective
+    that draws random numbers (augmentation, re-noising) is then equal in distribution, not bitwise.
 
     Args:
         config: the run's options.
@@ -147,12 +156,33 @@ class Trainer:
         self.data_root, pinned = parse_url(config.data)
         self.store = PairStore(self.data_root)
         saved = self.checkpoints.load(latest, list(WEIGHT_GROUPS)) if latest is not None else None
+        # The global batch of the run's first start. A checkpoint from before it was recorded read
+        # contiguous rank ranges: it resumes that way, on its own number of ranks only.
+        if saved is None:
+            self.global_batch: int | None = config.workers * config.batch_size * config.grad_accum
+        else:
+            self.global_batch = saved[2].get("global_batch")
+        self.micro_batches = self._micro_batches()
         # A resumed run reads the data version its checkpoint was streaming, whatever --data says.
         self._open_data(saved[2]["data_version"] if saved is not None else pinned)
         if saved is not None:
             self._restore(latest, *saved)
 
     # -- setup -----------------------------------------------------------------------------------
+    def _micro_batches(self) -> int:
+        """Micro-batches of batch_size per rank and step: global batch / (batch_size x ranks)."""
+        c, big = self.config, self.global_batch
+        if big is None:
+            return c.grad_accum
+        if big % (c.batch_size * self.world_size):
+            raise TrainingStopped(
+                f"the run's global batch of {big} pairs cannot be split into micro-batches of batch_size "
+                f"{c.batch_size} on {self.world_size} ranks ({big} is not a multiple of {c.batch_size * self.world_size}); "
+                f"use a number of ranks that divides {big // c.batch_size}" if big % c.batch_size == 0 else
+                f"the run's global batch of {big} pairs is not a multiple of batch_size {c.batch_size}; keep the "
+                "batch_size the run started with")
+        return big // (c.batch_size * self.world_size)
+
     @staticmethod
     def _seed_everything(seed: int) -> None:
         random.seed(seed)
@@ -174,7 +204,7 @@ class Trainer:
         fields += [f for f in (PROMPT_EMBEDS, POOLED_PROMPT_EMBEDS) if f in manifest.schema.names]
         self.dataset = PairDataset(f"{self.data_root}@v{manifest.version}", fields=fields, seed=c.seed,
                                    shuffle_block=c.shuffle_block, rank=self.rank, world_size=self.world_size,
-                                   on_corrupt=c.on_corrupt)
+                                   on_corrupt=c.on_corrupt, global_batch=self.global_batch)
         self.loader = PairLoader(self.dataset, batch_size=c.batch_size, num_workers=c.data_workers, drop_last=True)
         self.summary.data_version = self.dataset.version
 
@@ -206,7 +236,8 @@ class Trainer:
                        "rng_cuda": [r.get("cuda") for r in all_rng if r.get("cuda") is not None]}
             if self.opt_d is not None:
                 objects["opt_d"] = self.opt_d.state_dict()
-            state = {"step": self.step, "world_size": self.world_size, "data": all_data,
+            state = {"step": self.step, "world_size": self.world_size, "global_batch": self.global_batch,
+                     "data": all_data,
                      "data_url": self.config.data, "data_version": self.dataset.version,
                      "rng_python": [_python_state_to_json(r["python"]) for r in all_rng],
                      "config": self.config.model_dump(mode="json"), "samples_seen": self.summary.samples_seen}
@@ -216,9 +247,11 @@ class Trainer:
             dist.barrier()
 
     def _restore(self, step: int, weights: dict, objects: dict, state: dict) -> None:
-        if state["world_size"] != self.world_size:
-            raise TrainingStopped(f"checkpoint step {step} in {self.config.out} was written by {state['world_size']} "
-                                  f"ranks; resuming with {self.world_size} is not supported yet")
+        saved_world = state["world_size"]
+        if saved_world != self.world_size and self.global_batch is None:
+            raise TrainingStopped(f"checkpoint step {step} in {self.config.out} was written by {saved_world} ranks "
+                                  "before runs recorded their global batch; resume it with "
+                                  f"{saved_world} ranks")
         self.generator.load_state_dict(weights["generator"])
         if self.ema is not None and "ema" in weights:
             self.ema.load_state_dict(weights["ema"])
@@ -233,11 +266,18 @@ class Trainer:
                 group["lr"] = lr
         self.scaler_g.load_state_dict(objects["scaler_g"])
         self.scaler_d.load_state_dict(objects["scaler_d"])
-        self.dataset.load_state_dict(state["data"][self.rank])
-        torch.set_rng_state(objects["rng_torch"][self.rank])
-        if objects.get("rng_cuda") and torch.cuda.is_available():
-            torch.cuda.set_rng_state(objects["rng_cuda"][self.rank])
-        random.setstate(_python_state_from_json(state["rng_python"][self.rank]))
+        if saved_world == self.world_size:
+            self.dataset.load_state_dict(state["data"][self.rank])
+        else:  # elastic resume: the epoch continues at the next global batch, split over our ranks
+            self.dataset.load_state_dict(PairDataset.merge_states(state["data"]))
+        if self.rank < saved_world:
+            torch.set_rng_state(objects["rng_torch"][self.rank])
+            if objects.get("rng_cuda") and torch.cuda.is_available() and self.rank < len(objects["rng_cuda"]):
+                torch.cuda.set_rng_state(objects["rng_cuda"][self.rank])
+            random.setstate(_python_state_from_json(state["rng_python"][self.rank]))
+        else:  # a rank the checkpoint did not have: a fresh seed, fixed by (seed, rank, step)
+            fresh = xxhash.xxh3_64_intdigest(f"{self.config.seed}/{self.rank}/{step}".encode()) % 2**63
+            self._seed_everything(fresh)
         self.step = state["step"]
         self.summary.resumed_from = step
         self.summary.samples_seen = state.get("samples_seen", 0)
@@ -265,6 +305,9 @@ class Trainer:
     def _optimise(self, loss_fn, micro_batches, params, optimizer, scaler) -> dict:
         optimizer.zero_grad(set_to_none=True)
         logs: dict[str, float] = {}
+        # Every micro-batch holds batch_size pairs (drop_last) and every rank as many of them, so the
+        # 1 / len(micro_batches) here and the mean over ranks in _sync_gradients average the per-pair
+        # gradient over the whole global batch, whatever the number of ranks.
         for batch in micro_batches:
             with self._autocast():
                 loss, part = loss_fn(batch, self.step)
@@ -313,6 +356,14 @@ class Trainer:
             self._open_data(latest)
             self.dataset.set_epoch(epoch)
 
+    def _mean_over_ranks(self, logs: dict) -> dict:
+        """The logs averaged over the ranks: each rank's are the means over its equal share of the
+        global batch, so this is the global batch's mean, the same for any number of ranks."""
+        if not self.distributed:
+            return logs
+        every = self._gather(logs)
+        return {k: sum(r[k] for r in every if k in r) / sum(k in r for r in every) for k in logs}
+
     def _all_ranks_have(self, have: bool) -> bool:
         if not self.distributed:
             return have
@@ -324,7 +375,7 @@ class Trainer:
         """Learning rates and throughput since this process started training."""
         seconds = max(time.perf_counter() - began, 1e-9)
         rates = {"lr/g": self.opt_g.param_groups[0]["lr"], "time/steps_per_second": steps_done / seconds,
-                 "time/samples_per_second": steps_done * self.config.batch_size * self.config.grad_accum
+                 "time/samples_per_second": steps_done * self.config.batch_size * self.micro_batches
                  * self.world_size / seconds}
         if self.opt_d is not None:
             rates["lr/d"] = self.opt_d.param_groups[0]["lr"]
@@ -348,7 +399,7 @@ class Trainer:
         first_step = self.step
         try:
             while self.step < c.max_steps:
-                micro = [next(batches) for _ in range(c.grad_accum)]
+                micro = [next(batches) for _ in range(self.micro_batches)]
                 if not self._all_ranks_have(True):
                     break
                 try:
@@ -361,8 +412,11 @@ class Trainer:
                 self.summary.last_logs = logs
                 log_step = self.step % c.log_every == 0 or self.step == c.max_steps
                 rates = self._rates(began, self.step - first_step)
-                if log_step:
-                    self.metrics.log(self.step, {**logs, **rates, **_data_order(micro)})
+                if log_step:  # every rank takes part: losses and indices of the whole global batch
+                    logs = self._mean_over_ranks(logs)
+                    self.summary.last_logs = logs
+                    order = _data_order(self._gather([int(i) for batch in micro for i in batch[INDEX]]))
+                    self.metrics.log(self.step, {**logs, **rates, **order})
                 if sink is not None:
                     sink.update(self.step, rates, {k: v for k, v in logs.items() if k.endswith("total")}, log_step)
                 if c.preview_every and self.step % c.preview_every == 0 and self.rank == 0:

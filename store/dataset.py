@@ -20,7 +20,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from . import layout
 from .errors import CorruptShardError, StoreError, transient_as_unavailable
 from .manifest import ShardInfo
-from .order import Base, EpochOrder, IntervalSet, rank_range, split_by_count
+from .order import Base, EpochOrder, IntervalSet, global_batches, interleaved_runs, rank_range, split_by_count
 from .pairstore import PairStore
 from .reading import Decoder, ShardIndex, decode_rows, fetch_range, fetched_members, hash_failures
 from .schema import LATENT, META_FIELDS, NOISE, PROMPT
@@ -89,6 +89,7 @@ class PairDataset(IterableDataset):
         on_corrupt: str = "raise",
         verify_hashes: bool = True,
         storage_options: dict | None = None,
+        global_batch: int | None = None,
     ):
         """Open `url` and pin its version; only the manifest is read.
 
@@ -111,12 +112,23 @@ class PairDataset(IterableDataset):
                 and count it in `skipped`.
             verify_hashes: check every member read (and every index) against its recorded xxh3.
             storage_options: fsspec options for the root's filesystem.
+            global_batch: None (default): each rank reads one contiguous range of the epoch.
+                G: the epoch is cut into consecutive global batches of G positions and rank r
+                of w reads the r-th slice of G / w positions of each (w must divide G), so the
+                samples of global batch k are the same for every number of ranks, and a state
+                merged with merge_states() resumes at the next global batch under any w dividing
+                G (elastic training). The epoch is padded (pad=True) or cut (pad=False) to whole
+                global batches. Global batch k holds positions [kG, (k+1)G) only while ranks read
+                their slices in order: one DataLoader worker or none.
         """
         root, version = parse_url(url)
         if on_corrupt not in ("raise", "skip"):
             raise StoreError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
         if shuffle_block < 1:
             raise StoreError(f"shuffle_block must be >= 1, got {shuffle_block}")
+        if global_batch is not None and int(global_batch) < 1:
+            raise StoreError(f"global_batch must be >= 1 (or None), got {global_batch}")
+        self.global_batch = None if global_batch is None else int(global_batch)
         self.store = PairStore(root, storage_options)
         # Pin the version now so 'latest' cannot move between epochs or between ranks' workers.
         self.manifest = self.store.manifest(version)
@@ -183,8 +195,30 @@ class PairDataset(IterableDataset):
         return Base.full(self.num_samples) if self._base is None else Base(self._base)
 
     def _rank_range(self) -> tuple[int, int]:
+        """This rank's positions [start, end): virtual positions in the contiguous mode; in the
+        global-batch mode local positions j, which _to_virtual maps to the rank's slices."""
         rank, world = self._dist()
-        return rank_range(self._base_obj().size, world, rank, self.pad)
+        if self.global_batch is None:
+            return rank_range(self._base_obj().size, world, rank, self.pad)
+        return 0, global_batches(self._base_obj().size, self.global_batch, self.pad) * self._slice_size(world)
+
+    def _slice_size(self, world: int) -> int:
+        if self.global_batch % world:
+            raise StoreError(f"global_batch {self.global_batch} cannot be split evenly between {world} ranks")
+        return self.global_batch // world
+
+    def _to_virtual(self, intervals) -> list[tuple[int, int, int]]:
+        """(local start, virtual start, count) runs of this rank's position intervals."""
+        rank, world = self._dist()
+        if self.global_batch is None:
+            return [(a, a, b - a) for a, b in intervals if b > a]
+        return interleaved_runs(intervals, self.global_batch, self._slice_size(world), rank)
+
+    def _chunks(self, order: EpochOrder, intervals, base: Base):
+        """order.chunks() of this rank's position intervals: (position, epoch position, count)."""
+        for local, virtual, n in self._to_virtual(intervals):
+            for q, p, take in order.chunks([(virtual, virtual + n)], base):
+                yield local + (q - virtual), p, take
 
     def __len__(self) -> int:
         """Samples this rank yields in a full epoch (the same on every rank)."""
@@ -214,7 +248,7 @@ class PairDataset(IterableDataset):
         if not missing:
             return
         order = self._order(self.epoch)
-        for q, p, n in order.chunks(missing, self._base_obj()):
+        for q, p, n in self._chunks(order, missing, self._base_obj()):
             shard_ids, _ = order.locate(order.list_indices(p, n))
             for j, sid in enumerate(shard_ids.tolist()):
                 self.record_delivered((), skipped=(SkippedRun(self.manifest.shards[sid].name, (q + j,)),))
@@ -239,6 +273,7 @@ class PairDataset(IterableDataset):
             "next_worker": self._next_worker,
             "skipped": dict(self.skipped),
             "base": None if self._base is None else [list(iv) for iv in self._base],
+            "global_batch": self.global_batch,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -249,7 +284,7 @@ class PairDataset(IterableDataset):
             raise StoreError(f"unsupported PairDataset state format {state.get('format')!r} (expected {STATE_FORMAT})")
         mine = self.state_dict()
         merged = state.get("world_size") is None  # from merge_states: any rank layout may load it
-        keys = ("version", "seed", "shuffle", "shuffle_block", "num_samples", "pad")
+        keys = ("version", "seed", "shuffle", "shuffle_block", "num_samples", "pad", "global_batch")
         keys += () if merged else ("rank", "world_size")
         bad = [f"{k}: saved {state.get(k)!r} vs now {mine[k]!r}" for k in keys if state.get(k) != mine[k]]
         if bad:
@@ -259,6 +294,9 @@ class PairDataset(IterableDataset):
             )
         self.epoch = int(state["epoch"])
         self._consumed = IntervalSet(state["consumed"])
+        done = int(state.get("global_batches_done") or 0)
+        if merged and done:  # the first `done` global batches of the epoch are behind us, on any w
+            self._consumed = IntervalSet([(0, done * self._slice_size(self.world_size))])
         spans = state.get("spans")
         self._spans = None if spans is None else [[tuple(iv) for iv in s] for s in spans]
         self._next_worker = int(state.get("next_worker", 0))
@@ -269,11 +307,16 @@ class PairDataset(IterableDataset):
     @staticmethod
     def merge_states(states: list[dict]) -> dict:
         """One state from every rank's state_dict() of the same step, loadable under any number of
-        ranks (elastic resume): the samples no rank has delivered yet are re-split evenly."""
+        ranks (elastic resume). Global-batch mode, when every rank has read the same whole number
+        k of its slices (a training step boundary): the epoch continues at global batch k, exactly
+        as the uninterrupted run would, under any w dividing global_batch. Otherwise the samples no
+        rank has delivered yet become the rest of the epoch, re-split evenly (each sample still
+        read once, in a different grouping)."""
         if not states:
             raise StoreError("merge_states needs the state of every rank")
         first = states[0]
-        keys = ("format", "version", "epoch", "seed", "shuffle", "shuffle_block", "num_samples", "world_size", "pad", "base")
+        keys = ("format", "version", "epoch", "seed", "shuffle", "shuffle_block", "num_samples", "world_size", "pad",
+                "base", "global_batch")
         for st in states[1:]:
             bad = [k for k in keys if st.get(k) != first.get(k)]
             if bad:
@@ -283,20 +326,38 @@ class PairDataset(IterableDataset):
         if world is None or ranks != list(range(world)):
             raise StoreError(f"merge_states needs exactly one state per rank 0..{world - 1 if world else '?'}, got ranks {ranks}")
         base = Base.full(first["num_samples"]) if first.get("base") is None else Base(first["base"])
-        delivered = IntervalSet()
         skipped: dict[str, int] = {}
         for st in states:
-            for a, b in base.epoch_positions([tuple(iv) for iv in st["consumed"]]):
-                delivered.add(a, b)
             for shard, n in st.get("skipped", {}).items():
                 skipped[shard] = skipped.get(shard, 0) + n
+        big = first.get("global_batch")
+        done = 0
+        if big is not None:
+            size = big // world
+            prefixes = {tuple(tuple(iv) for iv in st["consumed"]) for st in states}
+            if len(prefixes) == 1:
+                only = next(iter(prefixes))
+                if only == () or (len(only) == 1 and only[0][0] == 0 and only[0][1] % size == 0):
+                    done = only[0][1] // size if only else 0
+                    out = dict(first)
+                    out.update(rank=None, world_size=None, consumed=[], num_consumed=0, spans=None, next_worker=0,
+                               skipped=skipped, global_batches_done=done)
+                    return out
+        delivered = IntervalSet()
+        for st in states:
+            consumed = [tuple(iv) for iv in st["consumed"]]
+            if big is not None:
+                runs = interleaved_runs(consumed, big, big // world, st["rank"])
+                consumed = [(v, v + n) for _, v, n in runs]
+            for a, b in base.epoch_positions(consumed):
+                delivered.add(a, b)
         remaining = IntervalSet()
         for a, b in base.intervals:
             for lo, hi in delivered.subtract_from(a, b):
                 remaining.add(lo, hi)
         out = dict(first)
         out.update(rank=None, world_size=None, consumed=[], num_consumed=0, spans=None, next_worker=0,
-                   skipped=skipped, base=remaining.to_list())
+                   skipped=skipped, base=remaining.to_list(), global_batches_done=done)
         return out
 
     # -- loader protocol ------------------------------------------------------------------------
@@ -398,7 +459,7 @@ class PairDataset(IterableDataset):
         `read_ahead` chunks ahead; index parsing and decoding stay on this thread (pyarrow driven
         from pool threads can abort the interpreter at exit when an iterator is abandoned)."""
         reader = _ChunkReader(self, worker)
-        chunks = order.chunks(intervals, base)
+        chunks = self._chunks(order, intervals, base)
         if self.read_ahead == 0:
             for q, p, n in chunks:
                 plan = reader.plan(order, q, p, n)

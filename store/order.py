@@ -128,6 +128,28 @@ def rank_range(num_samples: int, world_size: int, rank: int, pad: bool) -> tuple
     return rank * per_rank, (rank + 1) * per_rank
 
 
+def global_batches(num_samples: int, global_batch: int, pad: bool) -> int:
+    """Global batches in an epoch of `num_samples` positions: the last one padded (wrapping to the
+    start) or dropped when incomplete."""
+    return math.ceil(num_samples / global_batch) if pad else num_samples // global_batch
+
+
+def interleaved_runs(intervals, global_batch: int, slice_size: int, rank: int) -> list[tuple[int, int, int]]:
+    """Map one rank's local positions to virtual positions in the global-batch mode: local j is
+    position j % slice_size of the rank's slice of global batch j // slice_size, i.e. virtual
+    (j // slice_size) * global_batch + rank * slice_size + j % slice_size. Returns (local start,
+    virtual start, count) runs, each inside one slice."""
+    out = []
+    for a, b in intervals:
+        j = int(a)
+        while j < b:
+            k, off = divmod(j, slice_size)
+            take = min(int(b) - j, slice_size - off)
+            out.append((j, k * global_batch + rank * slice_size + off, take))
+            j += take
+    return out
+
+
 def split_by_count(intervals: list[tuple[int, int]], parts: int) -> list[list[tuple[int, int]]]:
     """Cut a sorted interval list into `parts` contiguous pieces of near-equal sample counts."""
     total = sum(b - a for a, b in intervals)

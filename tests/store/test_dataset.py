@@ -255,3 +255,67 @@ def test_elastic_resume_on_a_different_number_of_ranks(dataset_url):
     remaining = set(range(N)) - set(delivered)
     assert len(delivered) == 8 and [len(got[r]) for r in range(3)] == [5, 5, 5]  # ceil(13 / 3), padded
     assert set(got[0]) | set(got[1]) | set(got[2]) == remaining
+
+
+def _global_ds(url, rank, world, big=6, **kw):
+    return PairDataset(url, fields=("prompt",), shuffle_block=4, rank=rank, world_size=world, global_batch=big, **kw)
+
+
+def _global_steps(url, world, big=6, state=None, steps=None):
+    """Per global step, the union of every rank's samples in rank order (each rank reads its slice of
+    big // world positions per step); `state`: a merged state every rank loads first."""
+    per_rank = []
+    for r in range(world):
+        ds = _global_ds(url, r, world, big)
+        if state is not None:
+            ds.load_state_dict(state)
+        idx = _indices(PairLoader(ds, batch_size=big // world, num_workers=0))
+        per_rank.append([idx[i: i + big // world] for i in range(0, len(idx), big // world)])
+    assert len({len(s) for s in per_rank}) == 1  # equal counts on every rank
+    return [sum((per_rank[r][k] for r in range(world)), []) for k in range(len(per_rank[0]))][:steps]
+
+
+def test_global_batches_are_the_same_for_any_number_of_ranks(dataset_url):
+    one, two, three = (_global_steps(dataset_url, w) for w in (1, 2, 3))
+    assert one == two == three and len(one) == 4  # ceil(21 / 6): the last global batch padded
+    assert set(sum(one, [])) == set(range(N)) and len(_global_ds(dataset_url, 1, 3)) == 8
+    with pytest.raises(StoreError, match="global_batch 6 cannot be split evenly between 4 ranks"):
+        len(_global_ds(dataset_url, 0, 4))
+    unpadded = _global_ds(dataset_url, 1, 2, pad=False)
+    assert len(unpadded) == 9  # 21 // 6 global batches of 3 per rank
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2), (3, 2)])
+def test_elastic_resume_continues_with_the_same_global_batches(dataset_url, before, after):
+    import json
+
+    reference = _global_steps(dataset_url, 1)
+    states = []
+    for r in range(before):  # each rank reads its slices of the first global batch, then stops
+        ds = _global_ds(dataset_url, r, before)
+        it = iter(PairLoader(ds, batch_size=6 // before, num_workers=0))
+        got = next(it)["index"].tolist()
+        assert got == reference[0][r * 6 // before: (r + 1) * 6 // before]
+        states.append(ds.state_dict())
+        del it
+    merged = json.loads(json.dumps(PairDataset.merge_states(states)))
+    assert merged["global_batches_done"] == 1
+    assert _global_steps(dataset_url, after, state=merged) == reference[1:]
+    # A state saved after the elastic resume is a plain state of the new layout.
+    ds = _global_ds(dataset_url, 0, after)
+    ds.load_state_dict(merged)
+    assert ds.state_dict()["consumed"] == [[0, 6 // after]]
+
+
+def test_merge_of_unaligned_global_batch_states_still_reads_every_sample_once(dataset_url):
+    states, delivered = [], []
+    for r, batches in ((0, 2), (1, 1)):  # not a step boundary: rank 0 is one batch ahead
+        ds = _global_ds(dataset_url, r, 2)
+        it = iter(PairLoader(ds, batch_size=3, num_workers=0))
+        delivered += [i for _ in range(batches) for i in next(it)["index"].tolist()]
+        states.append(ds.state_dict())
+        del it
+    merged = PairDataset.merge_states(states)
+    assert merged["global_batches_done"] == 0 and merged["base"] is not None
+    rest = sum(_global_steps(dataset_url, 2, state=merged), [])
+    assert set(rest) == set(range(N)) - set(delivered) and len(rest) == 12  # 21 - 9: two whole global batches
