@@ -53,7 +53,9 @@ def test_ensemble_reconstructs_the_target_far_better_than_plain_latent_lpips(see
     assert h_plain[-1] < h_plain[0], "plain LatentLPIPS did not optimise at all: the comparison would be void"
     assert mse(x_ens) < 0.5 * mse(start)
     assert mse(x_ens) < 0.25 * mse(x_plain), (mse(start), mse(x_plain), mse(x_ens))
-    # Even judged by the plain metric itself, the ensemble's solution is the better one: plain
-    # gradient descent is stuck in a local minimum of its own fixed landscape.
+    # Judged by the plain metric, the ensemble's solution is also far better than the start. (Not
+    # necessarily better than plain's own minimum: with the published anti-aliased resampling, seed
+    # 0 gives 0.456 against plain's 0.445, and the old bilinear resampling failed the same way on
+    # other draws; the paper's yardstick is the distance to the target, asserted above.)
     with torch.no_grad():
-        assert float(plain(x_ens, target)) < float(plain(x_plain, target))
+        assert float(plain(x_ens, target)) < 0.5 * float(plain(start, target))
