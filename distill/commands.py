@@ -18,6 +18,7 @@ EXPORT_EXAMPLES = """examples:
 """
 GENERATE_EXAMPLES = """examples:
   distill generate ./student --prompt "a small red circle in the top left on a black background" --num 2 --out pngs
+  distill generate ./student --prompt "a large blue square in the center on a white background" --steps 1 --out pngs
 """
 
 
@@ -52,7 +53,7 @@ def _cmd_export(args) -> int:
 def _cmd_generate(args) -> int:
     from distill.export import generate_pngs
 
-    paths = generate_pngs(args.model, args.prompt, args.num, args.seed, args.out)
+    paths = generate_pngs(args.model, args.prompt, args.num, args.seed, args.out, steps=args.steps)
     if args.json:
         console.print_json({"images": paths})
     else:
@@ -76,7 +77,8 @@ def register(sub) -> None:
 
     export = sub.add_parser("export", help="export a run's student as a diffusers pipeline folder",
                             description="Write a run's student as a stock diffusers pipeline folder with a model "
-                            "card: the teacher's pipeline with the student's UNet and a one-step scheduler.",
+                            "card: the teacher's pipeline with the student's UNet and a scheduler (LCMScheduler) that "
+                            "runs the student's own 1- to 4-step sampler; the card records its num_inference_steps.",
                             epilog=EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     export.add_argument("run", help="run folder URL (the --out of distill train)")
     export.add_argument("--out", required=True, help="folder URL to write the pipeline to (local or s3://...); "
@@ -86,15 +88,18 @@ def register(sub) -> None:
     console.add_json_flag(export)
     export.set_defaults(func=_cmd_export)
 
-    gen = sub.add_parser("generate", help="generate PNGs with an exported student in one step",
-                         description="Generate PNGs with an exported student. Existing files are never overwritten "
-                         "(numbering continues); each PNG records its prompt, seed, noise index, steps and model.",
+    gen = sub.add_parser("generate", help="generate PNGs with an exported student",
+                         description="Generate PNGs with an exported student, in the steps it was trained for "
+                         "(--steps: fewer). Existing files are never overwritten (numbering continues); each PNG "
+                         "records its prompt, seed, noise index, steps and model.",
                          epilog=GENERATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     gen.add_argument("model", help="exported pipeline folder")
     gen.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
     gen.add_argument("--num", type=int, default=1, help="images per prompt")
     gen.add_argument("--seed", type=int, default=0, help="noise seed (noise i = f(seed, i), as in pairgen)")
     gen.add_argument("--out", default="generated", help="output folder URL (local or s3://...)")
+    gen.add_argument("--steps", type=int, help="sampling steps (default: the model's recommended steps from "
+                     "d2g_student.json; 1 for older exports); at most the steps it was trained for")
     console.add_json_flag(gen)
     gen.set_defaults(func=_cmd_generate)
 

@@ -4,7 +4,9 @@ Reports, on pairs the student never trained on (a separate store version or data
 student's mean distance to the teacher's ODE targets (MSE, and LatentLPIPS when weights are given)
 next to the teacher's own one-step DDIM result from the same noise, plus per-image latency of the
 student (prompt to latent, text encoding included; and with the VAE decode) against the teacher's
-multi-step sampling with guidance.
+multi-step sampling with guidance. The student samples in `steps` steps (default: the steps it was
+trained for, from its d2g_student.json); its between-step noise is a pure function of each pair's
+starting noise (distill.export.student_latents), so the report does not depend on batching.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from d2g.teacher.loading import load_teacher
 from d2g.teacher.solver import SolverSettings, TeacherSolver
 from d2g.teacher.vae import decode, to_unit_range
-from distill.export import STUDENT_INFO, load_student, student_latents
+from distill.export import STUDENT_INFO, check_steps, load_student, recommended_steps, student_latents
 from store import LATENT, NOISE, PROMPT, PairDataset, PairLoader, console
 
 
@@ -44,11 +46,15 @@ def latency(fn, repeats: int) -> float:
 
 @torch.no_grad()
 def evaluate(model_dir: str, data_url: str, num: int = 64, batch_size: int = 16, teacher_steps: int = 25,
-             lpips_weights: str | None = None, latency_repeats: int = 5) -> dict:
+             lpips_weights: str | None = None, latency_repeats: int = 5, steps: int | None = None) -> dict:
     """The report of `distill eval` for the exported student in `model_dir` on up to `num`
     held-out pairs of `data_url` (see the module docstring); `teacher_steps` sets the teacher's
-    latency baseline, `lpips_weights` adds LatentLPIPS distances, `latency_repeats` timed calls."""
+    latency baseline, `lpips_weights` adds LatentLPIPS distances, `latency_repeats` timed calls,
+    `steps` the student's sampling steps (default: `recommended_steps`; StudentStepsError above
+    the steps it was trained for)."""
     student = load_student(model_dir)
+    steps = recommended_steps(model_dir) if steps is None else steps
+    check_steps(student, steps)
     info = json.loads((Path(model_dir) / STUDENT_INFO).read_text())
     teacher = load_teacher(info["teacher"], device="cpu")
     lpips = None
@@ -68,7 +74,7 @@ def evaluate(model_dir: str, data_url: str, num: int = 64, batch_size: int = 16,
             unguided = TeacherSolver(teacher, SolverSettings(scheduler="ddim", steps=1, guidance=1.0,
                                                              timestep_spacing="trailing"))
         target = batch[LATENT].float()
-        ours = student_latents(student, batch[PROMPT], batch[NOISE].float())
+        ours = student_latents(student, batch[PROMPT], batch[NOISE].float(), steps)
         baseline = one_step.solve(batch[PROMPT], batch[NOISE].float())[LATENT].float()
         n = len(target)
         sums["student_mse"] += float(((ours - target) ** 2).mean(dim=(1, 2, 3)).sum())
@@ -82,13 +88,13 @@ def evaluate(model_dir: str, data_url: str, num: int = 64, batch_size: int = 16,
     if count == 0:
         raise ValueError(f"no pairs in {data_url}")
     report = {k: v / count for k, v in sums.items() if lpips is not None or "lpips" not in k}
-    report.update(num_pairs=count, model=model_dir, data=data_url, guidance=guidance)
+    report.update(num_pairs=count, model=model_dir, data=data_url, guidance=guidance, steps=steps)
     noise1 = batch[NOISE][:1].float()
     prompt1 = batch[PROMPT][:1]
     teacher_multi = TeacherSolver(teacher, SolverSettings(scheduler="ddim", steps=teacher_steps, guidance=guidance))
-    report["latency_student_s"] = latency(lambda: student_latents(student, prompt1, noise1), latency_repeats)
+    report["latency_student_s"] = latency(lambda: student_latents(student, prompt1, noise1, steps), latency_repeats)
     report["latency_student_decoded_s"] = latency(
-        lambda: to_unit_range(decode(student.vae, student_latents(student, prompt1, noise1))), latency_repeats)
+        lambda: to_unit_range(decode(student.vae, student_latents(student, prompt1, noise1, steps))), latency_repeats)
     report[f"latency_teacher_{teacher_steps}step_s"] = latency(
         lambda: teacher_multi.solve(prompt1, noise1), max(1, latency_repeats // 2))
     report["speedup_vs_teacher"] = report[f"latency_teacher_{teacher_steps}step_s"] / report["latency_student_s"]
@@ -104,12 +110,15 @@ def register(sub) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--teacher-steps", type=int, default=25, help="teacher steps for the latency baseline")
     parser.add_argument("--lpips-weights", help="LatentLPIPS weights for the perceptual distance (optional)")
+    parser.add_argument("--steps", type=int, help="student sampling steps (default: the model's recommended steps "
+                        "from d2g_student.json; 1 for older exports)")
     console.add_json_flag(parser)
     parser.set_defaults(func=_cmd_eval)
 
 
 def _cmd_eval(args) -> int:
-    report = evaluate(args.model, args.data, args.num, args.batch_size, args.teacher_steps, args.lpips_weights)
+    report = evaluate(args.model, args.data, args.num, args.batch_size, args.teacher_steps, args.lpips_weights,
+                      steps=args.steps)
     if args.json:
         console.print_json(report)
     else:

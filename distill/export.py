@@ -1,11 +1,14 @@
 """Export a trained student as a stock diffusers pipeline folder, and generate with it.
 
 The folder is the teacher's pipeline (VAE, text encoders, tokenizers) with the student's UNet and
-a DDIM scheduler set so that `num_inference_steps=1` reproduces the student exactly: trailing
-spacing evaluates t=T-1, and set_alpha_to_one=True makes the single DDIM step return the
-predicted clean latent. Load it with `DiffusionPipeline.from_pretrained(DIR)` and call it with
-`num_inference_steps=1, guidance_scale=0`. Images come from d2g.teacher.vae (`decode`, then
-`to_unit_range` for PNGs), as for the teacher.
+the student's own sampler as a stock scheduler: an LCMScheduler (distill.generator.student_scheduler)
+that predicts x0 at each timestep of the student's grid and re-noises it with fresh noise to the
+next, exactly the training-time sampler (distill.generator.few_step_sample). Load it with
+`DiffusionPipeline.from_pretrained(DIR)` and call it with `num_inference_steps=N` (the student's
+steps, recorded in the model card and in STUDENT_INFO; fewer run a subset of its grid) and
+`guidance_scale=0`; `generator=` draws the between-step noise. Images come from d2g.teacher.vae
+(`decode`, then `to_unit_range` for PNGs), as for the teacher. Exports older than few-step support
+have a one-step DDIM scheduler and run one step.
 """
 
 from __future__ import annotations
@@ -18,22 +21,16 @@ from pathlib import Path
 import torch
 
 from d2g.teacher.loading import load_teacher
-from d2g.teacher.schedulers import solver_kwargs
 from distill.checkpoint import CheckpointError, CheckpointStore
+from distill.generator import Generators, student_scheduler
 from distill.train_config import TrainConfig
 from store import NOISE, PROMPT
 
 STUDENT_INFO = "d2g_student.json"
 
 
-def one_step_scheduler(teacher_scheduler_config: dict):
-    """A DDIMScheduler with the teacher's schedule whose single step evaluates t=T-1 and returns
-    the predicted clean latent (what the student was trained to output)."""
-    from diffusers import DDIMScheduler
-
-    kwargs = solver_kwargs("ddim", dict(teacher_scheduler_config), "trailing")
-    kwargs["set_alpha_to_one"] = True  # the last step lands on alpha=1: output = predicted x0
-    return DDIMScheduler(**kwargs)
+class StudentStepsError(CheckpointError):
+    """More sampling steps asked of an exported student than it was trained for (or fewer than 1)."""
 
 
 def _student_unet_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -54,7 +51,7 @@ tags:
 - {objective}
 ---
 
-# One-step student of `{teacher}`
+# {num_inference_steps}-step student of `{teacher}`
 
 Distilled by d2g with the `{objective}` objective ({step} training steps, {weights} weights) from the
 pair store `{data}` (fingerprint xxh3 `{fingerprint}`).
@@ -68,8 +65,12 @@ pipe = DiffusionPipeline.from_pretrained("{out}")
 image = pipe(prompt, num_inference_steps={num_inference_steps}, guidance_scale={guidance_scale}).images[0]
 ```
 
-- recommended `num_inference_steps`: {num_inference_steps}
+- recommended `num_inference_steps`: {num_inference_steps} (the steps it was trained for; fewer run a
+  subset of its timesteps, more are refused by its scheduler)
 - recommended `guidance_scale`: {guidance_scale} (guidance is distilled into the student)
+- scheduler: `LCMScheduler` with `original_inference_steps={num_inference_steps}` and `timestep_scaling=1e10`:
+  each step predicts the clean latent and re-noises it with fresh noise from `generator` to the next
+  timestep, the sampler the student was trained with
 - run: `{run}`, step {step}
 """
 
@@ -78,6 +79,11 @@ def _prepare_out(out_url: str):
     """The filesystem and path of an export folder that does not exist or is empty."""
     import fsspec
 
+    from distill.train_config import check_local_out_folder
+
+    # Before the checkpoint and teacher are loaded and the pipeline staged (minutes and GBs at SD
+    # scale), and naming --out rather than a file inside it.
+    check_local_out_folder(out_url, "export --out")
     fs, path = fsspec.core.url_to_fs(out_url)
     if fs.exists(path):
         if not fs.isdir(path):
@@ -124,17 +130,18 @@ def export_student(run_url: str, out_dir: str, step: int | None = None, use_ema:
     source = "ema" if use_ema and "ema" in weights else "generator"
     pipe = load_teacher(config.teacher, device="cpu")
     pipe.unet.load_state_dict(_student_unet_weights(weights[source]))
-    pipe.scheduler = one_step_scheduler(dict(pipe.scheduler.config))
+    student_steps = config.objective_config.student_steps
+    pipe.scheduler = student_scheduler(dict(pipe.scheduler.config), student_steps)
     info = {"run": run_url, "step": step, "weights": source, "teacher": config.teacher,
-            "objective": config.objective, "num_inference_steps": 1, "guidance_scale": 0.0,
-            "student_steps": config.objective_config.student_steps, "data": config.data, "out": out_dir,
+            "objective": config.objective, "num_inference_steps": student_steps, "guidance_scale": 0.0,
+            "student_steps": student_steps, "data": config.data, "out": out_dir,
             "data_fingerprint_xxh3": _data_fingerprint(config.data)}
     if newer_incomplete and step == latest:
         info["skipped_incomplete_step"] = newer_incomplete[-1]
     base_model = config.teacher if config.teacher not in ("shapes", "shapes-xl") else f"d2g/{config.teacher}"
     card = MODEL_CARD.format(base_model=base_model, teacher=config.teacher, objective=config.objective, step=step,
                              weights=source, data=config.data, fingerprint=info["data_fingerprint_xxh3"],
-                             out=out_dir, num_inference_steps=1, guidance_scale=0.0, run=run_url)
+                             out=out_dir, num_inference_steps=student_steps, guidance_scale=0.0, run=run_url)
     with tempfile.TemporaryDirectory(prefix="d2g-export-") as staging:
         pipe.save_pretrained(staging)
         Path(staging, STUDENT_INFO).write_text(json.dumps(info, indent=2))
@@ -153,18 +160,56 @@ def load_student(model_dir: str, device: str = "cpu"):
     return load_teacher(os.path.abspath(model_dir) if os.path.isdir(model_dir) else model_dir, device=device)
 
 
-@torch.no_grad()
-def student_latents(pipe, prompts: list[str], noise: torch.Tensor) -> torch.Tensor:
-    """Prompt to latent in one UNet evaluation, with d2g's own generator code (not the pipeline):
-    `prompts` (one per sample) and `noise` [B, C, h, w] to latents [B, C, h, w]."""
-    from distill.conditioning import TextConditioner
-    from distill.generator import NoiseSchedule
+def recommended_steps(model_dir: str) -> int:
+    """The sampling steps an exported student was trained for: STUDENT_INFO's
+    `num_inference_steps` (1 for exports that predate few-step students or have no STUDENT_INFO)."""
+    import fsspec
 
+    try:
+        with fsspec.open(posixpath.join(model_dir.rstrip("/"), STUDENT_INFO) if "://" in model_dir
+                         else os.path.join(model_dir, STUDENT_INFO), "r") as f:
+            info = json.load(f)
+    except (FileNotFoundError, ValueError):
+        return 1
+    return int(info.get("num_inference_steps", 1))
+
+
+def check_steps(pipe, steps: int) -> None:
+    """StudentStepsError (a one-line CLI error) unless the exported student in `pipe` can sample in
+    `steps` steps: 1 to the steps it was trained for (its scheduler's original_inference_steps)."""
+    from distill.generator import trained_steps_of
+
+    trained = trained_steps_of(pipe.scheduler)
+    if not 1 <= steps <= trained:
+        raise StudentStepsError(f"--steps {steps}: this student was trained for {trained} step"
+                                f"{'s' if trained > 1 else ''}; give 1 to {trained}")
+
+
+@torch.no_grad()
+def student_latents(pipe, prompts: list[str], noise: torch.Tensor, steps: int | None = None,
+                    generator: Generators = None) -> torch.Tensor:
+    """Prompt to latent in `steps` UNet evaluations (default: the steps the student was trained
+    for), with d2g's own sampler (distill.generator.few_step_sample, not the pipeline's loop):
+    `prompts` (one per sample) and `noise` [B, C, h, w] to latents [B, C, h, w]. `generator` (one
+    per sample, or one) draws the between-step noise as the exported pipeline's `generator` would;
+    None: generators keyed by each sample's starting noise (distill.generator.noise_keyed_generators),
+    so evaluation is deterministic and independent of batching."""
+    from distill.conditioning import TextConditioner
+    from distill.generator import NoiseSchedule, few_step_sample, noise_keyed_generators, trained_steps_of
+
+    trained = trained_steps_of(pipe.scheduler)
+    steps = trained if steps is None else steps
+    check_steps(pipe, steps)
     cond = TextConditioner(pipe)({PROMPT: prompts, NOISE: noise}, tuple(noise.shape[-2:]))
     schedule = NoiseSchedule(pipe.scheduler)
-    t = torch.full((noise.shape[0],), schedule.num_train_timesteps - 1, dtype=torch.long)
-    pred = pipe.unet(noise, t, **cond.unet_kwargs()).sample
-    return schedule.to_x0(pred, noise, t)
+    grid = schedule.student_grid(steps, trained)
+    if generator is None and steps > 1:
+        generator = noise_keyed_generators(noise)
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return schedule.to_x0(pipe.unet(x, t, **cond.unet_kwargs()).sample, x, t)
+
+    return few_step_sample(denoise, schedule, noise, grid, generator)
 
 
 def _next_free_numbers(fs, folder: str, stem: str, count: int) -> list[int]:
@@ -207,19 +252,25 @@ def save_pngs(images: torch.Tensor, folder: str, stem: str = "image", metadata: 
     return paths
 
 
-def generate_pngs(model_dir: str, prompts: list[str], num: int, seed: int, out: str) -> list[str]:
-    """`num` images per prompt from an exported student, one step each, saved by `save_pngs` with
-    their prompt, seed, noise index, steps and model recorded in the PNG. Noise i is
-    d2g.teacher.noise.sample_noise(seed, i), as in pairgen, so (seed, i) reproduces image i."""
-    from d2g.teacher.noise import sample_noise
+def generate_pngs(model_dir: str, prompts: list[str], num: int, seed: int, out: str,
+                  steps: int | None = None) -> list[str]:
+    """`num` images per prompt from an exported student in `steps` steps (default: the steps it
+    was trained for, `recommended_steps`), saved by `save_pngs` with their prompt, seed, noise
+    index, steps and model recorded in the PNG. Image i's starting noise is
+    d2g.teacher.noise.sample_noise(seed, i), as in pairgen, and its between-step noise continues
+    the same generator (distill.generator.seeded_noise), so (seed, i) reproduces image i, also in a
+    stock pipeline given `generator=torch.Generator().manual_seed(sample_seed(seed, i))`.
+    StudentStepsError for more steps than the student was trained for."""
     from d2g.teacher.vae import decode, latent_shape, to_unit_range
+    from distill.generator import seeded_noise
 
     pipe = load_student(model_dir)
+    steps = recommended_steps(model_dir) if steps is None else steps
+    check_steps(pipe, steps)
     texts = [p for p in prompts for _ in range(num)]
-    shape = latent_shape(pipe)
-    noise = torch.stack([sample_noise(seed, i, shape) for i in range(len(texts))])
+    noise, generators = seeded_noise(seed, list(range(len(texts))), latent_shape(pipe))
     with torch.no_grad():
-        images = to_unit_range(decode(pipe.vae, student_latents(pipe, texts, noise)))
-    metadata = [{"prompt": t, "seed": seed, "noise_index": i, "steps": 1, "model": os.path.abspath(model_dir)
+        images = to_unit_range(decode(pipe.vae, student_latents(pipe, texts, noise, steps, generators)))
+    metadata = [{"prompt": t, "seed": seed, "noise_index": i, "steps": steps, "model": os.path.abspath(model_dir)
                  if "://" not in model_dir else model_dir, "generator": "d2g"} for i, t in enumerate(texts)]
     return save_pngs(images, out, metadata=metadata)

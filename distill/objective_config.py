@@ -2,8 +2,9 @@
 
 `ObjectiveConfig` holds what every objective has (regression and score-distillation terms, few-step
 students, memory and precision); `AdversarialConfig` adds the GAN options of the objectives with a
-discriminator; `RegressionConfig`, `D2GConfig` and `ADDConfig` are the objectives themselves, and
-their defaults are the objectives' presets. A config is parsed once, from YAML, `--objective-config`
+discriminator; `RegressionConfig`, `D2GConfig`, `ADDConfig` and `LADDConfig` are the objectives
+themselves, and their defaults are the objectives' presets (ADD and LADD as published, in the
+latent form: see their docstrings). A config is parsed once, from YAML, `--objective-config`
 JSON or a checkpoint's saved config, by `parse_objective_config` (which `TrainConfig` calls), and
 then travels typed; errors name the field.
 
@@ -19,12 +20,17 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-ObjectiveName = Literal["add", "d2g", "regression"]
+ObjectiveName = Literal["add", "d2g", "ladd", "regression"]
 OBJECTIVES: tuple[str, ...] = typing.get_args(ObjectiveName)
 HeadPoint = Literal["before", "skip", "after"]
 HEAD_POINTS: tuple[str, ...] = typing.get_args(HeadPoint)
-# LADD's probabilities of starting a few-step student's training step at each grid timestep.
+# LADD's probabilities of starting a few-step student's training step at each grid timestep
+# (ADD samples its student's steps uniformly).
 LADD_STEP_PROBS = (0.7, 0.1, 0.1, 0.1)
+# The negative prompt of NFSD (Katzir et al., "Noise-Free Score Distillation", ICLR 2024,
+# arXiv 2310.17590): its domain direction at large t is eps(x_t; "") - eps(x_t; this prompt).
+NFSD_NEGATIVE_PROMPT = ("unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, "
+                        "low-resolution, gloomy")
 
 
 # LatentLPIPS weights shipped with the package, by name: `weights="shapes"` is the one for the
@@ -46,15 +52,22 @@ class ObjectiveConfig(BaseModel):
     regression_loss: str = Field("mse", description="regression loss by name (distill.losses.REGRESSION_LOSSES)")
     regression_kwargs: dict = Field(default_factory=dict, description="options of the regression loss")
     lambda_sd: float = Field(0.0, ge=0, description="weight of the score-distillation term (ADD: 2.5)")
-    # "exponential" is ADD's alpha_t (its ablation setting); ADD's final model used NFSD, which is
-    # not implemented (see docs/RESULTS.md).
-    sd_weighting: Literal["exponential", "constant"] = Field("exponential", description="c(t) of score distillation")
-    sd_guidance_scale: float = Field(1.0, ge=1.0, description="teacher guidance of the score-distillation target")
+    # "exponential" is ADD's c(t) = alpha_t (its ablation setting); "nfsd" is the noise-free score
+    # distillation ADD's final model used (distill.objectives.Objective._score_distillation).
+    sd_weighting: Literal["exponential", "constant", "nfsd"] = Field(
+        "exponential", description="score distillation: c(t) = alpha_t (exponential), 1 (constant), or NFSD")
+    sd_guidance_scale: float | None = Field(
+        None, ge=1.0, description="teacher guidance of the score-distillation target (None: the guidance the "
+        "pairs were made with, read from the pair store's fingerprint when the objective is built; 1 if unknown)")
     sd_t_min: int = Field(20, ge=0, description="smallest score-distillation timestep")
     sd_t_max: int = Field(980, ge=0, description="largest score-distillation timestep")
+    nfsd_negative_prompt: str = Field(NFSD_NEGATIVE_PROMPT, description="NFSD's negative prompt (sd_weighting nfsd)")
+    nfsd_t_split: int = Field(200, ge=0, description="NFSD: below this t the domain direction is the unconditional "
+                              "prediction, from it on the unconditional minus the negative prompt's")
     student_steps: int = Field(1, ge=1, le=4, description="sampling steps of the student (ADD: up to 4)")
     student_step_probs: list[float] | None = Field(
-        None, description="per-grid-step training probabilities (None: LADD's 0.7, 0.1, 0.1, 0.1, cut to student_steps)")
+        None, description="per-grid-step training probabilities (None: the objective's default, uniform for "
+        "add and regression, LADD's 0.7, 0.1, 0.1, 0.1 cut to student_steps for ladd)")
     gradient_checkpointing: bool = Field(False, description="recompute activations of trainable UNets in backward")
     frozen_dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto", description="dtype of the frozen teacher UNet (auto: fp16 on CUDA, fp32 elsewhere)")
@@ -69,8 +82,9 @@ class ObjectiveConfig(BaseModel):
         return self
 
     def step_probs(self) -> list[float]:
-        """The (unnormalised) probability of each grid step of a few-step student's training input."""
-        return list(self.student_step_probs or LADD_STEP_PROBS[: self.student_steps])
+        """The (unnormalised) probability of each grid step of a few-step student's training input:
+        `student_step_probs`, else uniform (ADD samples its student's steps uniformly)."""
+        return list(self.student_step_probs or [1.0] * self.student_steps)
 
 
 class AdversarialConfig(ObjectiveConfig):
@@ -122,11 +136,10 @@ class D2GConfig(AdversarialConfig):
         return self
 
 
-class ADDConfig(AdversarialConfig):
-    """`add` (ADD, latent form as in LADD): hinge GAN on frozen teacher features plus score
-    distillation; R1 (gamma 1e-5) on the heads' inputs."""
-
-    objective: ClassVar[str] = "add"
+class ADDFamilyConfig(AdversarialConfig):
+    """Options of the ADD-family objectives (`add`, `ladd`): hinge GAN on frozen teacher features
+    with trainable heads, R1 (gamma 1e-5) on the heads' inputs, re-noising for the discriminator.
+    Use ADDConfig or LADDConfig."""
 
     regression_weight: float = Field(0.0, ge=0, description="weight of the regression term (0: off)")
     lambda_sd: float = Field(2.5, ge=0, description="weight of the score-distillation term")
@@ -138,10 +151,38 @@ class ADDConfig(AdversarialConfig):
         None, description="teacher blocks whose features the heads judge (None: every down block and mid)")
     add_t_logit_mean: float = Field(1.0, description="re-noising t ~ LogitNormal(mean, std), as LADD")
     add_t_logit_std: float = Field(1.0, gt=0, description="re-noising t ~ LogitNormal(mean, std), as LADD")
+    student_steps: int = Field(4, ge=1, le=4, description="sampling steps of the student (ADD, LADD: 4)")
+
+
+class ADDConfig(ADDFamilyConfig):
+    """`add`: ADD (Sauer et al. 2023) as published, in the latent form: a 4-step student whose
+    training step starts at one of its 4 grid timesteps chosen uniformly, hinge GAN + lambda_sd 2.5
+    score distillation towards the frozen teacher at the pairs' guidance (sd_guidance_scale None),
+    c(t) = alpha_t (ADD's ablation setting; `sd_weighting: nfsd` is its final model's). Not as
+    published: the discriminator is the teacher's own features on re-noised latents (LADD's), not
+    a frozen ViT on decoded pixels, and its heads see no image embedding."""
+
+    objective: ClassVar[str] = "add"
+
+
+class LADDConfig(ADDFamilyConfig):
+    """`ladd`: LADD (Sauer et al. 2024) as published: the frozen teacher is the discriminator's
+    backbone (t ~ LogitNormal(1, 1) re-noising), a 4-step student whose training step starts at its
+    grid timesteps with probabilities 0.7, 0.1, 0.1, 0.1, and, trained on teacher-made (synthetic)
+    data, the adversarial loss alone (lambda_sd 0)."""
+
+    objective: ClassVar[str] = "ladd"
+
+    lambda_sd: float = Field(0.0, ge=0, description="weight of the score-distillation term (LADD on synthetic "
+                             "data: 0)")
+
+    def step_probs(self) -> list[float]:
+        """`student_step_probs`, else LADD's 0.7, 0.1, 0.1, 0.1 cut to student_steps."""
+        return list(self.student_step_probs or LADD_STEP_PROBS[: self.student_steps])
 
 
 OBJECTIVE_CONFIGS: dict[str, type[ObjectiveConfig]] = {
-    cls.objective: cls for cls in (ADDConfig, D2GConfig, RegressionConfig)
+    cls.objective: cls for cls in (ADDConfig, D2GConfig, LADDConfig, RegressionConfig)
 }
 
 
@@ -154,7 +195,7 @@ def parse_objective_config(name: str, options: ObjectiveConfig | Mapping | None 
     if name not in OBJECTIVE_CONFIGS:
         raise ValueError(f"unknown objective {name!r}; valid names: {', '.join(OBJECTIVES)}")
     cls = OBJECTIVE_CONFIGS[name]
-    if isinstance(options, cls):
+    if type(options) is cls:  # exact: LADDConfig and ADDConfig share a base, not a class
         return options
     if isinstance(options, ObjectiveConfig):
         options = options.model_dump(exclude_unset=True)
@@ -162,6 +203,6 @@ def parse_objective_config(name: str, options: ObjectiveConfig | Mapping | None 
 
 
 __all__ = [
-    "ADDConfig", "AdversarialConfig", "D2GConfig", "HEAD_POINTS", "OBJECTIVES", "OBJECTIVE_CONFIGS",
-    "ObjectiveConfig", "RegressionConfig", "parse_objective_config",
+    "ADDConfig", "ADDFamilyConfig", "AdversarialConfig", "D2GConfig", "HEAD_POINTS", "LADDConfig", "OBJECTIVES",
+    "OBJECTIVE_CONFIGS", "ObjectiveConfig", "RegressionConfig", "parse_objective_config",
 ]

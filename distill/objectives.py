@@ -6,15 +6,24 @@
   teacher-UNet discriminator (z conditioning, multi-scale input, readout heads, single-sample lazy
   R1, mix-and-match; each switchable).
 - `add` (ADD, latent form as in LADD): hinge GAN loss with frozen-teacher features and trainable
-  heads (R1 on the heads' inputs) + lambda_sd * score distillation (the frozen teacher denoises the
-  re-noised student output; the student regresses to it with stop-gradient).
+  heads (R1 on the heads' inputs) + lambda_sd * score distillation (the frozen teacher, at the
+  pairs' guidance, denoises the re-noised student output; the student regresses to it with
+  stop-gradient); a 4-step student whose training steps start at its grid timesteps uniformly.
+- `ladd` (LADD): the same discriminator, the adversarial loss alone (synthetic data), training
+  steps started at the grid timesteps with probabilities 0.7, 0.1, 0.1, 0.1.
 The regression and score-distillation terms can be added to any objective, and the adversarial
 term's weight set for any objective with a discriminator (e.g. `add` with `regression_weight=1`),
 so ablations are config changes.
 
+Few-step students (student_steps > 1; not `d2g`, whose config refuses them): a training step
+starts at one grid timestep per sample (`student_step_probs`): the first takes the pair's noise,
+a later one the pair's latent re-noised to that timestep with fresh noise (ADD's scheme), and the
+student predicts x0 from it. Sampling (`sample`, and the exported pipeline) runs
+distill.generator.few_step_sample on the same grid.
+
 API for the trainer (see `Objective`); each objective's options are a typed config
-(distill.objective_config: RegressionConfig, D2GConfig, ADDConfig; defaults are the presets):
-    obj = make_objective("d2g", teacher_pipe, D2GConfig(lambda_gan=0.1))
+(distill.objective_config: RegressionConfig, D2GConfig, ADDConfig, LADDConfig; defaults are the presets):
+    obj = make_objective("d2g", teacher_pipe, D2GConfig(lambda_gan=0.1), data=PAIRS_URL)
     obj.generator, obj.discriminator            # trainable modules (discriminator may be None)
     g_loss, logs = obj.generator_loss(batch, step)
     d_loss, logs = obj.discriminator_loss(batch, step)
@@ -28,6 +37,8 @@ Call backward on each loss before calling the other loss function.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
@@ -44,15 +55,17 @@ from distill.objective_config import (
     ADDConfig,
     AdversarialConfig,
     D2GConfig,
+    LADDConfig,
     ObjectiveConfig,
     RegressionConfig,
 )
-from store import LATENT, NOISE
+from store import LATENT, NOISE, PROMPT
 
 # Which discriminator each objective trains (None: no adversarial term).
 DISCRIMINATORS: dict[str, type[nn.Module] | None] = {"regression": None, "d2g": D2GDiscriminator,
-                                                     "add": ADDDiscriminator}
+                                                     "add": ADDDiscriminator, "ladd": ADDDiscriminator}
 FROZEN_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+log = logging.getLogger("distill")
 
 
 class ObjectiveError(ValueError):
@@ -138,6 +151,18 @@ class Objective:
             self.regression.to(self.device)
         probs = torch.tensor(config.step_probs(), dtype=torch.float64)
         self.step_probs = probs / probs.sum()
+        self.grid = self.schedule.student_grid(config.student_steps)
+        self._nfsd_negative: Conditioning | None = None
+        if config.lambda_sd > 0 and config.sd_guidance_scale is None:
+            # make_objective resolves it from the pair store (data=...); without a store, unguided.
+            log.warning("objective %r: sd_guidance_scale is unset and no pair store was given to read the pairs' "
+                        "guidance from; the score-distillation target is the unguided teacher (1.0)", name)
+
+    @property
+    def sd_guidance_scale(self) -> float:
+        """The teacher guidance of the score-distillation target (1.0 when unset and unresolved)."""
+        g = self.config.sd_guidance_scale
+        return 1.0 if g is None else float(g)
 
     # -- setup helpers ---------------------------------------------------------------------------
     def _cast_frozen_teacher(self) -> None:
@@ -182,9 +207,11 @@ class Objective:
         return noise, latent, self.conditioner(batch, tuple(latent.shape[-2:]))
 
     def _student_input(self, noise: torch.Tensor, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x_in and its timesteps: pure noise at T-1, or (ADD few-step students) the target re-noised
-        to a grid timestep with fresh noise, chosen per sample with `student_step_probs`."""
-        grid = self.schedule.trailing_grid(self.config.student_steps)
+        """x_in and its timesteps: pure noise at T-1, or (few-step students, as ADD) a grid timestep
+        chosen per sample with `student_step_probs`: the pair's noise at the first, the target
+        re-noised to it with fresh noise at a later one. The grid is the sampler's
+        (NoiseSchedule.student_grid), so training sees the timesteps sampling will use."""
+        grid = self.grid
         b = noise.shape[0]
         if len(grid) == 1:
             return noise, torch.full((b,), grid[0], device=noise.device, dtype=torch.long)
@@ -206,31 +233,82 @@ class Objective:
         return F.softplus(-real).mean(), F.softplus(fake).mean()
 
     def _score_distillation(self, fake: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """ADD's distillation term: c(t) * d(x_theta, sg(target)), d the per-sample mean squared
+        error, x_theta the student output re-noised to t ~ U[sd_t_min, sd_t_max] for the teacher."""
         c = self.config
         b = fake.shape[0]
         t = torch.randint(c.sd_t_min, c.sd_t_max + 1, (b,), device=fake.device)
+        alpha, sigma = (v.flatten() for v in self.schedule.coefficients(t, fake))
         with torch.no_grad():
-            x_t = self.schedule.add_noise(fake.detach(), torch.randn_like(fake), t)
-            target = self._teacher_x0(x_t, t, cond)
+            eps = torch.randn_like(fake)
+            x_t = self.schedule.add_noise(fake.detach(), eps, t)
+            if c.sd_weighting == "nfsd":
+                target = self._nfsd_target(fake.detach().float(), x_t, t, cond)
+            else:
+                target = self._teacher_x0(x_t, t, cond)
         if c.sd_weighting == "exponential":
-            weight = self.schedule.coefficients(t, fake)[0].flatten()  # ADD's c(t) = alpha_t
+            weight = alpha  # ADD's c(t) = alpha_t
+        elif c.sd_weighting == "nfsd":
+            # The x0-space form of NFSD's gradient w(t) (delta_D + s delta_C) (see _nfsd_target):
+            # d/dx_theta of c(t) |x_theta - target|^2 is c(t) (sigma_t / alpha_t) (delta_D + s delta_C),
+            # so c(t) = alpha_t sigma_t gives w(t) = sigma_t^2, DreamFusion's SDS weighting, which NFSD
+            # keeps. (The c(t) ADD paired NFSD with is not in our notes; this is the NFSD paper's.)
+            weight = alpha * sigma
         else:
             weight = torch.ones(b, device=fake.device)
         per_sample = ((fake.float() - target.float()) ** 2).flatten(1).mean(dim=1)
         return (weight * per_sample).mean()
 
-    def _teacher_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def _teacher_x0s(self, x_t: torch.Tensor, t: torch.Tensor, conds: list[Conditioning]) -> list[torch.Tensor]:
+        """The frozen teacher's x0 predictions for `x_t` under each conditioning, in one batched call."""
         unet = self.teacher_unet
         dtype = next(unet.parameters()).dtype
-        g = self.config.sd_guidance_scale
+        n = len(conds)
+        both = conds[0]
+        for other in conds[1:]:
+            both = both.cat(other)
+        xs, ts = torch.cat([x_t] * n), torch.cat([t] * n)
+        pred = unet(xs.to(dtype), ts, **both.to(dtype).unet_kwargs()).sample
+        return list(self.schedule.to_x0(pred, xs, ts).chunk(n))
+
+    def _teacher_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The score-distillation target: the teacher's x0, with classifier-free guidance at
+        sd_guidance_scale when it is above 1."""
+        g = self.sd_guidance_scale
         if g > 1:
             neg = self.conditioner.negative(x_t.shape[0], tuple(x_t.shape[-2:]))
-            both = neg.cat(cond)
-            pred = unet(torch.cat([x_t, x_t]).to(dtype), torch.cat([t, t]), **both.to(dtype).unet_kwargs()).sample
-            x0_u, x0_c = self.schedule.to_x0(pred, torch.cat([x_t, x_t]), torch.cat([t, t])).chunk(2)
+            x0_u, x0_c = self._teacher_x0s(x_t, t, [neg, cond])
             return x0_u + g * (x0_c - x0_u)
-        pred = unet(x_t.to(dtype), t, **cond.to(dtype).unet_kwargs()).sample
-        return self.schedule.to_x0(pred, x_t, t)
+        return self._teacher_x0s(x_t, t, [cond])[0]
+
+    def _nfsd_target(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The NFSD target for student output `x0` re-noised to `x_t` at `t`.
+
+        NFSD (Katzir et al., "Noise-Free Score Distillation", ICLR 2024, arXiv 2310.17590) replaces
+        SDS's eps_cfg - eps by delta_D + s delta_C: delta_C = eps(x_t; y) - eps(x_t; "") the condition
+        direction, s the guidance scale, and delta_D the domain direction, eps(x_t; "") for t <
+        nfsd_t_split (200) and eps(x_t; "") - eps(x_t; negative prompt) above. As an x0 target
+        (eps_a - eps_b = -(alpha/sigma)(x0_a - x0_b)): target = x0 - (sigma/alpha)(delta_D + s delta_C)
+        = x0 - D + s (x0_c - x0_u), with D = x_t/alpha - x0_u below the split and x0_n - x0_u above.
+        """
+        c = self.config
+        hw = tuple(x_t.shape[-2:])
+        b = x_t.shape[0]
+        uncond = self.conditioner.negative(b, hw)
+        x0_u, x0_c, x0_n = self._teacher_x0s(x_t, t, [uncond, cond, self._negative_prompt(b, hw)])
+        alpha = self.schedule.coefficients(t, x_t)[0]
+        low = (t < c.nfsd_t_split).view(-1, 1, 1, 1)
+        domain = torch.where(low, x_t.float() / alpha - x0_u, x0_n - x0_u)
+        return x0 - domain + self.sd_guidance_scale * (x0_c - x0_u)
+
+    def _negative_prompt(self, size: int, latent_hw: tuple[int, int]) -> Conditioning:
+        """NFSD's negative-prompt conditioning for `size` samples (encoded once)."""
+        if self._nfsd_negative is None:
+            self._nfsd_negative = self.conditioner({PROMPT: [self.config.nfsd_negative_prompt], NOISE: [0]}, latent_hw)
+        neg = self._nfsd_negative
+        return Conditioning(neg.prompt_embeds.expand(size, -1, -1),
+                            None if neg.pooled is None else neg.pooled.expand(size, -1),
+                            None if neg.time_ids is None else neg.time_ids.expand(size, -1))
 
     def _mix_and_match(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """Replace a fraction of fakes by real latents of other samples (wrong prompt/noise): fake."""
@@ -296,10 +374,12 @@ class Objective:
         return total, logs
 
     @torch.no_grad()
-    def sample(self, batch: dict, steps: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, batch: dict, steps: int | None = None,
+               generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
         """Student latents for a batch with 'noise' and 'prompt' or 'prompt_embeds' (evaluation),
-        in `steps` steps (default: the config's student_steps); `generator` seeds the fresh noise
-        between steps."""
+        in `steps` steps (default: the config's student_steps; fewer take a subset of its grid, see
+        NoiseSchedule.student_grid); `generator` (one, or one per sample) draws the fresh noise
+        between steps, as the exported pipeline's `generator` does."""
         noise = batch[NOISE].to(self.device, torch.float32)
         if noise.ndim != 4 or noise.shape[1] != self.teacher_unet.config.in_channels:
             raise BatchShapeError(
@@ -307,25 +387,56 @@ class Objective:
                 f"[B, {self.teacher_unet.config.in_channels}, H, W]"
             )
         cond = self.conditioner(batch, tuple(noise.shape[-2:]))
-        return _unwrap(self.generator).sample(noise, cond, steps or self.config.student_steps, generator)
+        trained = self.config.student_steps
+        return _unwrap(self.generator).sample(noise, cond, steps or trained, generator, trained_steps=trained)
 
 
-def make_objective(name: str, teacher_pipe, config: ObjectiveConfig | None = None) -> Objective:
-    """Build an objective by name ('add', 'd2g', 'regression') for a loaded teacher pipeline, with
-    its typed config (None: the objective's preset). Raises ValueError for an unknown name and
-    ObjectiveError for a config of another objective or one this teacher cannot use."""
+def pairs_guidance(data_url: str) -> float | None:
+    """The classifier-free guidance the pairs of store `data_url` (URL[@vN]) were made with, from
+    its fingerprint (pairgen records `solver.guidance`); None when the store has no fingerprint or
+    it does not say. Guidance <= 1 means none: returned as 1.0."""
+    from store import PairStore, parse_url
+
+    fingerprint = PairStore(parse_url(data_url)[0]).read_fingerprint() or {}
+    guidance = (fingerprint.get("solver") or {}).get("guidance")
+    return None if guidance is None else max(1.0, float(guidance))
+
+
+def resolve_objective_config(config: ObjectiveConfig, data: str | None) -> ObjectiveConfig:
+    """`config` with what it leaves to the data filled in: an unset sd_guidance_scale becomes the
+    guidance the pairs of `data` were made with (`pairs_guidance`), so score distillation pulls
+    towards the same distribution as the pairs the discriminator sees. A copy; `config` itself
+    (and the run's saved config) keeps None, which resolves the same way on resume because a store
+    root holds one fingerprint."""
+    if config.sd_guidance_scale is not None or config.lambda_sd == 0 or data is None:
+        return config
+    guidance = pairs_guidance(data)
+    if guidance is None:
+        return config
+    return config.model_copy(update={"sd_guidance_scale": guidance})
+
+
+def make_objective(name: str, teacher_pipe, config: ObjectiveConfig | None = None,
+                   data: str | None = None) -> Objective:
+    """Build an objective by name ('add', 'd2g', 'ladd', 'regression') for a loaded teacher
+    pipeline, with its typed config (None: the objective's preset). `data`, the pair store URL the
+    run trains on, resolves what the config leaves to the data (`resolve_objective_config`: the
+    score-distillation guidance); without it an unset guidance means unguided. Raises ValueError
+    for an unknown name and ObjectiveError for a config of another objective or one this teacher
+    cannot use."""
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; valid names: {', '.join(OBJECTIVES)}")
     expected = OBJECTIVE_CONFIGS[name]
     if config is None:
         config = expected()
-    elif not isinstance(config, expected):
+    elif type(config) is not expected:  # exact: ADDConfig and LADDConfig share a base class
         raise ObjectiveError(f"objective {name!r} takes {expected.__name__}, got {type(config).__name__} "
                              "(see distill.objective_config.parse_objective_config)")
-    return Objective(name, teacher_pipe, config)
+    return Objective(name, teacher_pipe, resolve_objective_config(config, data))
 
 
 __all__ = [
     "OBJECTIVES", "OBJECTIVE_CONFIGS", "ADDConfig", "AdversarialConfig", "BatchShapeError", "D2GConfig",
-    "NonFiniteLossError", "Objective", "ObjectiveConfig", "ObjectiveError", "RegressionConfig", "make_objective",
+    "LADDConfig", "NonFiniteLossError", "Objective", "ObjectiveConfig", "ObjectiveError", "RegressionConfig",
+    "make_objective", "pairs_guidance", "resolve_objective_config",
 ]

@@ -1,4 +1,4 @@
-"""A periodic preview grid: the student's one-step images for fixed noises and prompts.
+"""A periodic preview grid: the student's images, in the steps it is trained for, for fixed noises and prompts.
 
 With evaluation, the only place the trainer decodes latents to pixels.
 """
@@ -11,8 +11,8 @@ import posixpath
 import fsspec
 import torch
 
-from d2g.teacher.noise import sample_noise
 from d2g.teacher.vae import decode, to_unit_range
+from distill.generator import seeded_noise
 from store import NOISE, PROMPT
 
 PREVIEW_SEED = 1234
@@ -44,12 +44,14 @@ def write_preview(trainer, step: int) -> str:
     prompts = [trainer.store.get(index=first.first_index + i % first.num_samples, version=manifest.version,
                                  fields=[PROMPT])[PROMPT] for i in range(PREVIEW_COUNT)]
     shape = tuple(manifest.schema.fields[NOISE].shape)
-    noise = torch.stack([sample_noise(PREVIEW_SEED, i, shape) for i in range(PREVIEW_COUNT)])
+    # Seeded generators for the between-step noise too: a preview never draws from the global RNG,
+    # which would change the training run's own randomness (and its exact resume).
+    noise, generators = seeded_noise(PREVIEW_SEED, list(range(PREVIEW_COUNT)), shape)
     model = trainer.ema.model if trainer.ema is not None else trainer.generator
     original = trainer.objective.generator
     trainer.objective.generator = model
     try:
-        latents = trainer.objective.sample({NOISE: noise, PROMPT: prompts})
+        latents = trainer.objective.sample({NOISE: noise, PROMPT: prompts}, generator=generators)
     finally:
         trainer.objective.generator = original
     images = to_unit_range(decode(trainer.pipe.vae, latents))

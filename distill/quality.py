@@ -37,11 +37,12 @@ def teacher_sampler(pipe, steps: int, guidance: float) -> Sampler:
     return lambda prompts, noise: solver.solve(prompts, noise)[LATENT].float()
 
 
-def student_sampler(pipe) -> Sampler:
-    """An exported one-step student (distill export)."""
+def student_sampler(pipe, steps: int | None = None) -> Sampler:
+    """An exported student (distill export) in `steps` steps (default: the steps it was trained
+    for); its between-step noise is keyed by each sample's starting noise (deterministic)."""
     from distill.export import student_latents
 
-    return lambda prompts, noise: student_latents(pipe, prompts, noise)
+    return lambda prompts, noise: student_latents(pipe, prompts, noise, steps)
 
 
 class ShapesQuality:

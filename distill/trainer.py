@@ -127,7 +127,7 @@ class Trainer:
         self.device = pick_device(config.device)
         pipe = load_teacher(config.teacher, device=str(self.device))
         self.pipe = pipe
-        self.objective = make_objective(config.objective, pipe, config.objective_config)
+        self.objective = make_objective(config.objective, pipe, config.objective_config, data=config.data)
         self.generator = self.objective.generator
         self.discriminator = self.objective.discriminator
         if self.distributed:

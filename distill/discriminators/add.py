@@ -26,7 +26,7 @@ from distill.discriminators.unet_probe import (
     probe_size,
     tap_block_outputs,
 )
-from distill.objective_config import ADDConfig
+from distill.objective_config import ADDFamilyConfig
 
 
 def default_feature_blocks(unet: nn.Module) -> list[str]:
@@ -66,8 +66,8 @@ class ADDDiscriminator(nn.Module):
         )
 
     @classmethod
-    def from_config(cls, teacher_unet: nn.Module, schedule: nn.Module, config: ADDConfig) -> ADDDiscriminator:
-        """The discriminator an `add` objective's config describes; ValueError naming
+    def from_config(cls, teacher_unet: nn.Module, schedule: nn.Module, config: ADDFamilyConfig) -> ADDDiscriminator:
+        """The discriminator an `add` or `ladd` objective's config describes; ValueError naming
         add_feature_blocks for an unknown block."""
         try:
             return cls(teacher_unet, config.add_feature_blocks, config.head_hidden, schedule=schedule,

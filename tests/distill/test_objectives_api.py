@@ -18,6 +18,7 @@ from distill.objective_config import (
     OBJECTIVE_CONFIGS,
     ADDConfig,
     D2GConfig,
+    LADDConfig,
     ObjectiveConfig,
     RegressionConfig,
     parse_objective_config,
@@ -38,7 +39,7 @@ def _batch(n=4, scale=1.0):
 
 def test_unknown_names_list_the_valid_ones(sd15_teacher):
     pipe = _load(sd15_teacher)
-    with pytest.raises(ValueError, match="unknown objective 'gan'.*add, d2g, regression"):
+    with pytest.raises(ValueError, match="unknown objective 'gan'.*add, d2g, ladd, regression"):
         make_objective("gan", pipe)
     with pytest.raises(ValueError, match="unknown regression loss 'l7'.*mse"):
         make_objective("regression", pipe, RegressionConfig(regression_loss="l7"))
@@ -46,7 +47,7 @@ def test_unknown_names_list_the_valid_ones(sd15_teacher):
         ObjectiveConfig(student_steps=5)
     with pytest.raises(pydantic.ValidationError, match="extra"):
         D2GConfig(lambda_gann=1.0)
-    with pytest.raises(ValueError, match="unknown objective 'gan'.*add, d2g, regression"):
+    with pytest.raises(ValueError, match="unknown objective 'gan'.*add, d2g, ladd, regression"):
         parse_objective_config("gan", {})
 
 
@@ -54,6 +55,17 @@ def test_presets_are_the_config_classes_defaults():
     assert set(OBJECTIVE_CONFIGS) == set(objectives.OBJECTIVES) == set(objectives.DISCRIMINATORS)
     add = ADDConfig()
     assert (add.lambda_sd, add.r1_gamma, add.gan_loss, add.regression_weight) == (2.5, 1e-5, "hinge", 0.0)
+    # ADD as published: 4 steps sampled uniformly, score distillation at the pairs' guidance (None
+    # until resolved from the store); LADD: LADD's step probabilities and the adversarial loss alone.
+    assert (add.student_steps, add.step_probs(), add.sd_guidance_scale) == (4, [1.0] * 4, None)
+    ladd = LADDConfig()
+    assert (ladd.student_steps, ladd.step_probs(), ladd.lambda_sd, ladd.lambda_gan) == (4, [0.7, 0.1, 0.1, 0.1],
+                                                                                      0.0, 1.0)
+    assert LADDConfig(student_steps=2).step_probs() == [0.7, 0.1]
+    assert (ladd.add_t_logit_mean, ladd.add_t_logit_std) == (1.0, 1.0)
+    assert RegressionConfig(student_steps=3).step_probs() == [1.0] * 3
+    assert parse_objective_config("add", LADDConfig(student_steps=2)) == ADDConfig(student_steps=2)
+    assert type(parse_objective_config("ladd", {})) is LADDConfig
     d2g = D2GConfig(mix_and_match=0.0, r1_gamma=0.0)
     assert (d2g.regression_loss, d2g.gan_loss, d2g.mix_and_match, d2g.r1_gamma, d2g.lambda_gan) == (
         "e_latent_lpips", "non_saturating", 0.0, 0.0, 0.1)
@@ -83,6 +95,8 @@ def test_options_belong_to_their_objective_and_errors_name_the_field():
 def test_a_config_of_another_objective_is_refused():
     with pytest.raises(ObjectiveError, match="objective 'add' takes ADDConfig, got D2GConfig"):
         make_objective("add", None, D2GConfig())
+    with pytest.raises(ObjectiveError, match="objective 'add' takes ADDConfig, got LADDConfig"):
+        make_objective("add", None, LADDConfig())
 
 
 class _StubDiscriminator(nn.Module):

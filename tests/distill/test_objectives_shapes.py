@@ -44,10 +44,15 @@ PAIR_STEPS, GUIDANCE = 4, 3.0
 E_LPIPS = {"regression_kwargs": {"weights": "shapes"}}
 # Regression alone is left to the tiny-teacher tests and bench/results.py (it reached 94% here in
 # 200 steps, like d2g), to keep the suite inside its time budget.
+# ADD runs as a one-step student with the unguided score-distillation target: the setting these
+# figures were measured in (the `add` preset is now a 4-step student, and its target defaults to the
+# pairs' guidance, read from a store this test does not have). ADD on the SD1.5 layout is left to the
+# tiny-teacher tests, also for the budget: the SDXL layout exercises more of it (pooled embeddings,
+# time ids).
+ADD_ONE_STEP = {"student_steps": 1, "sd_guidance_scale": 1.0}
 CASES = {  # name: (teacher alias, objective, config overrides, learning rates, steps)
     "d2g": ("shapes", "d2g", E_LPIPS, dict(lr_g=1e-4, lr_d=1e-4), 120),
-    "add": ("shapes", "add", {}, dict(lr_g=1e-4, lr_d=1e-4), 200),
-    "add-sdxl": ("shapes-xl", "add", {}, dict(lr_g=2e-4, lr_d=2e-4), 200),
+    "add-sdxl": ("shapes-xl", "add", ADD_ONE_STEP, dict(lr_g=2e-4, lr_d=2e-4), 200),
 }
 BATCH = 16
 
@@ -99,8 +104,8 @@ def test_objective_improves_the_student_on_the_shapes_teacher(name):
     after = _scores(obj, quality)
     print(f"{name}: before {before}\n{name}: after  {after}\nlast logs {history[-1]}")
     assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in history)
-    # Measured here, from 4-step pairs: 83% -> 89% (d2g, 120 steps; 95% at 200), 89% (add, 200 steps);
-    # on the SDXL-layout teacher 86% -> 91% (add, lr 2e-4; at 1e-4 it reached only 89%).
+    # Measured here, from 4-step pairs: 83% -> 89% (d2g, 120 steps; 95% at 200); on the SDXL-layout
+    # teacher 86% -> 91% (add, lr 2e-4; at 1e-4 it reached only 89%).
     assert after["accuracy"] >= before["accuracy"] + 0.03
     if objective == "add":
         # Not ADD's target, but a trained teacher's score distillation still moves the student
