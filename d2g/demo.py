@@ -181,7 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-seed", type=int, default=10_000, help="dataset seed of the held-out pairs")
     parser.add_argument("--quality-prompts", type=int, default=256,
                         help="prompts the shapes evaluator judges for the report (shapes teacher only)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show what the libraries say (loading bars, deprecations), as the CLIs' -v does")
     args = parser.parse_args(argv)
+    from d2g.cli.quiet import setup_cli_output
+
+    setup_cli_output(args.verbose)  # the same quiet output as pairgen and distill, in every stage
 
     out = Path(args.out)
     report_dir = out / "report"

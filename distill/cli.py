@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The `distill` argument parser with every available subsystem's subcommands."""
     parser = argparse.ArgumentParser(
         prog="distill",
-        description="Train one-step students from a pair store (Diffusion2GAN `d2g`, ADD `add`, or "
+        description="Train one- to four-step students from a pair store (Diffusion2GAN `d2g`, ADD `add`, LADD `ladd`, or "
         "plain `regression`), export them as diffusers pipelines, generate and evaluate; "
         "train E-LatentLPIPS for new latent spaces.",
     )

@@ -7,7 +7,7 @@ import json
 from d2g.demo import main
 
 
-def test_demo_runs_end_to_end_and_reuses_its_work(ray_local, sd15_teacher, tmp_path):
+def test_demo_runs_end_to_end_and_reuses_its_work(ray_local, sd15_teacher, tmp_path, capfd):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\na green cat\n")
     args = ["--out", str(tmp_path / "demo"), "--teacher", str(sd15_teacher), "--prompts", str(prompts),
@@ -15,6 +15,9 @@ def test_demo_runs_end_to_end_and_reuses_its_work(ray_local, sd15_teacher, tmp_p
             "--teacher-steps", "3", "--train-steps", "4", "--train-batch", "4", "--workers", "1",
             "--batch-size", "4", "--regression-loss", "mse"]
     assert main(args) == 0
+    # Quiet like the CLIs: no library loading bars between the stages' own lines (make demo printed
+    # one per pipeline load in the export, eval and report stages).
+    assert "Loading pipeline components" not in capfd.readouterr().err
     report = (tmp_path / "demo" / "report" / "REPORT.md").read_text()
     assert "student_mse" in report and "grid.png" in report
     assert (tmp_path / "demo" / "report" / "grid.png").stat().st_size > 0
