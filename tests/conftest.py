@@ -156,14 +156,16 @@ def ray_job_address(s3_endpoint, tmp_path_factory):
                 time.sleep(0.5)  # polling a server that is starting, not waiting for time to pass
         yield address
     finally:
+        # A clean stop of every Ray daemon took over 30 s here; the folder and ports are the test's own.
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=30)
+            head.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
-    pointer = Path("/tmp/ray/ray_current_cluster")  # a later plain ray.init() must not try to join it
-    if pointer.exists() and str(ports["--port"]) in pointer.read_text():
-        pointer.unlink()
+            head.wait()
+    from tests.helpers.ray_cluster import forget_cluster
+
+    forget_cluster(f"127.0.0.1:{ports['--port']}")
 
 
 @pytest.fixture(scope="session")

@@ -161,17 +161,12 @@ def test_ray_train_finishes_on_the_remaining_node_with_the_same_weights(ray_loca
     from the latest checkpoint with the run's global batch and ends with the uninterrupted run's weights."""
     import time
 
-    from ray.cluster_utils import Cluster
-
-    from tests.pairgen.test_node_loss import _forget_cluster
+    from tests.helpers.ray_cluster import simulated_cluster
 
     steps = 60  # long enough to still be training when the node goes
     _run(_config(pairs, sd15_teacher, tmp_path / "straight", max_steps=steps), 2, tmp_path)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    cluster.wait_for_nodes()
     out = tmp_path / "elastic"
-    try:
+    with simulated_cluster(worker_nodes=2) as (cluster, nodes):
         proc = _train_on_ray(pairs, sd15_teacher, out, cluster.address, "--min-workers", "1", "--cpus-per-worker",
                              "1", "--max-failures", "3", "--max-steps", str(steps))
         deadline = time.monotonic() + 240
@@ -180,9 +175,6 @@ def test_ray_train_finishes_on_the_remaining_node_with_the_same_weights(ray_loca
             time.sleep(0.1)  # polling for a file to appear, not waiting for time to pass
         cluster.remove_node(nodes[1])
         stdout, stderr = proc.communicate(timeout=300)
-    finally:
-        cluster.shutdown()
-        _forget_cluster(cluster.address)
     assert proc.returncode == 0, stderr[-3000:]
     # The driver's restart notice is not asserted: in this simulation every node has the driver's IP,
     # and the progress inbox can be lost with the removed node (the run itself is not affected).

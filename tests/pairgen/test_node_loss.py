@@ -12,33 +12,21 @@ from pathlib import Path
 
 from pairgen.runner import PairgenRun
 from store import PairStore
+from tests.helpers.ray_cluster import simulated_cluster
 from tests.pairgen.test_run import PROMPTS, _config, _shard_hashes
 
 BIN = Path(sys.executable).parent
 
 
-def _forget_cluster(address: str) -> None:
-    # Ray records the last cluster started on this machine; a later plain ray.init() would try to
-    # join this one (gone by then) instead of starting its own.
-    pointer = Path("/tmp/ray/ray_current_cluster")
-    if pointer.exists() and address.split(":")[-1] in pointer.read_text():
-        pointer.unlink()
-
-
 def test_pairgen_finishes_on_the_remaining_node(ray_local, sd15_teacher, tmp_path):
-    from ray.cluster_utils import Cluster
-
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(PROMPTS)
     settings = dict(num_pairs=64, shard_size=8, steps=8, batch_size=4)
     reference = str(tmp_path / "reference")
     PairgenRun(_config(sd15_teacher, str(prompts), reference, **settings), progress=False).run()
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    cluster.wait_for_nodes()
     out = tmp_path / "pairs"
-    try:
+    with simulated_cluster(worker_nodes=2) as (cluster, workers):
         proc = subprocess.Popen(
             [str(BIN / "pairgen"), "run", "--teacher", str(sd15_teacher), "--prompts", str(prompts), "--out", str(out),
              "--num-pairs", "64", "--shard-size", "8", "--steps", "8", "--batch-size", "4", "--guidance", "2.0",
@@ -51,9 +39,6 @@ def test_pairgen_finishes_on_the_remaining_node(ray_local, sd15_teacher, tmp_pat
             time.sleep(0.1)  # polling for files to appear, not waiting for time to pass
         cluster.remove_node(workers[1])
         _, stderr = proc.communicate(timeout=300)
-    finally:
-        cluster.shutdown()
-        _forget_cluster(cluster.address)
     assert proc.returncode == 0, stderr[-3000:]
     # The lost actor's shard went back to the queue and was done by the surviving actor; before, it was
     # sent to the replacement actor, which could never start, and the run waited forever.
