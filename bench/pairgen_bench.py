@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     s3_url = start_moto()  # before Ray starts, so its workers inherit the endpoint
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -7,6 +7,7 @@ path is exercised on both.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import uuid
 from pathlib import Path
@@ -30,6 +31,32 @@ for key, value in {
     os.environ[key] = value
 os.environ.pop("AWS_PROFILE", None)
 
+
+
+# Parallel runs (`make test` runs pytest-xdist with --dist loadgroup): every test file is one group,
+# so its module fixtures are built once, and every file that uses Ray shares the group "ray", so
+# one worker runs all of them in turn with one session Ray, as a serial run does. Ray clusters
+# started side by side (simulated clusters, job servers, the session Ray) would contend for the
+# same two cores and Ray's fixed default ports.
+RAY_FIXTURES = {"ray_local", "ray_job_address", "doc_envs"}
+RAY_SOURCE = re.compile(r"^\s*(import ray\b|from ray\b)|simulated_cluster|ray_local|ray_job_address", re.M)
+
+
+def _file_uses_ray(path: Path, items: list) -> bool:
+    if any(RAY_FIXTURES & set(getattr(item, "fixturenames", ())) for item in items):
+        return True
+    return bool(RAY_SOURCE.search(path.read_text()))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Give each test its xdist group (see above); without xdist the marks change nothing."""
+    by_file: dict[Path, list] = {}
+    for item in items:
+        by_file.setdefault(Path(str(item.fspath)), []).append(item)
+    for path, file_items in by_file.items():
+        group = "ray" if _file_uses_ray(path, file_items) else path.relative_to(Path(__file__).parent).as_posix()
+        for item in file_items:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -107,9 +134,62 @@ def ray_local(s3_endpoint):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+def _start_ray_head(bin_dir: Path, env: dict, temp_dir: Path):
+    """(process, job server address, GCS port) of `ray start --head --block` with every port free,
+    once its dashboard answers; None if it exited first (another process took one of the ports
+    between our choosing it and Ray binding it: pytest-xdist workers start Rays side by side).
+    Its output goes to temp_dir/head.log."""
+    import subprocess
+    import time
+    import urllib.request
+
+    dashboard = _free_port()
+    ports = {"--port": _free_port(), "--dashboard-port": dashboard, "--dashboard-agent-listen-port": _free_port(),
+             "--dashboard-agent-grpc-port": _free_port(), "--ray-client-server-port": _free_port(),
+             "--runtime-env-agent-port": _free_port(), "--metrics-export-port": _free_port(),
+             "--node-manager-port": _free_port(), "--object-manager-port": _free_port()}
+    with open(temp_dir / "head.log", "ab") as log:
+        head = subprocess.Popen(
+            [str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--include-dashboard", "true",
+             "--dashboard-host", "127.0.0.1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
+             "--temp-dir", str(temp_dir), *[str(x) for kv in ports.items() for x in kv]],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 120
+    while True:  # the dashboard answers (401 without a token) once the head is up
+        try:
+            with urllib.request.urlopen(f"{address}/api/version", timeout=2):
+                return head, address, ports["--port"]
+        except urllib.error.HTTPError:
+            return head, address, ports["--port"]
+        except OSError:
+            if head.poll() is not None:
+                _stop_process_group(head)
+                return None
+            assert time.monotonic() < deadline, f"the job server did not come up in 120 s; see {temp_dir}/head.log"
+            time.sleep(0.5)  # polling a server that is starting, not waiting for time to pass
+
+
+def _stop_process_group(process) -> None:
+    """SIGTERM to the process's group, SIGKILL after 5 s (a clean stop of every Ray daemon took over
+    30 s here; the folder and ports are the test's own)."""
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=5)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 @pytest.fixture(scope="session")
@@ -121,51 +201,26 @@ def ray_job_address(s3_endpoint, tmp_path_factory):
     Every port is chosen free: a second Ray's fixed defaults (the dashboard agent's 52365, the
     client server's 10001) would collide with any other Ray on this machine. Stopped by killing
     its own process group, never `ray stop` (which ends every Ray on the machine)."""
-    import signal
-    import subprocess
     import sys
-    import time
-    import urllib.request
 
     bin_dir = Path(sys.executable).parent
-    dashboard = _free_port()
-    ports = {"--port": _free_port(), "--dashboard-port": dashboard, "--dashboard-agent-listen-port": _free_port(),
-             "--dashboard-agent-grpc-port": _free_port(), "--ray-client-server-port": _free_port(),
-             "--runtime-env-agent-port": _free_port(), "--metrics-export-port": _free_port(),
-             "--node-manager-port": _free_port(), "--object-manager-port": _free_port()}
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     temp_dir = tmp_path_factory.mktemp("ray-head")
-    head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--include-dashboard", "true",
-         "--dashboard-host", "127.0.0.1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
-         "--temp-dir", str(temp_dir), *[str(x) for kv in ports.items() for x in kv]],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
+    for _ in range(3):
+        started = _start_ray_head(bin_dir, env, temp_dir)
+        if started:
+            break
+    else:
+        raise AssertionError(f"ray start --head exited three times; its output:\n{(temp_dir / 'head.log').read_text()[-3000:]}")
+    head, address, gcs_port = started
     try:
-        deadline = time.monotonic() + 120
-        while True:  # the dashboard answers (401 without a token) once the head is up
-            try:
-                with urllib.request.urlopen(f"{address}/api/version", timeout=2):
-                    break
-            except urllib.error.HTTPError:
-                break
-            except OSError:
-                assert head.poll() is None, "ray start --head exited"
-                assert time.monotonic() < deadline, "the job server did not come up in 120 s"
-                time.sleep(0.5)  # polling a server that is starting, not waiting for time to pass
         yield address
     finally:
-        # A clean stop of every Ray daemon took over 30 s here; the folder and ports are the test's own.
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        _stop_process_group(head)
     from tests.helpers.ray_cluster import forget_cluster
 
-    forget_cluster(f"127.0.0.1:{ports['--port']}")
+    forget_cluster(f"127.0.0.1:{gcs_port}")
 
 
 @pytest.fixture(scope="session")
@@ -180,3 +235,17 @@ def sdxl_teacher(tmp_path_factory) -> Path:
     from d2g.testing import build_sdxl
 
     return build_sdxl(tmp_path_factory.mktemp("teachers") / "sdxl")
+
+
+@pytest.fixture(scope="session")
+def sd3_teacher(tmp_path_factory) -> Path:
+    from d2g.testing import build_sd3
+
+    return build_sd3(tmp_path_factory.mktemp("teachers") / "sd3")
+
+
+@pytest.fixture(scope="session")
+def flux_teacher(tmp_path_factory) -> Path:
+    from d2g.testing import build_flux
+
+    return build_flux(tmp_path_factory.mktemp("teachers") / "flux")

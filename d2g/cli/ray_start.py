@@ -67,6 +67,9 @@ def ensure_ray(num_cpus: int | None = None, worker_logs: bool = True) -> ModuleT
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=worker_logs, logging_level=level)
     else:
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=worker_logs,
-                 logging_level=level)
+        # address="local": always a new Ray of our own. A bare ray.init() would instead join any
+        # cluster it finds running on this machine (`ray start` on a head node), and then refuse
+        # num_cpus with a traceback; joining a cluster is what RAY_ADDRESS says.
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 log_to_driver=worker_logs, logging_level=level)
     return ray

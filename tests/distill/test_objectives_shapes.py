@@ -62,10 +62,12 @@ _SETUPS: dict = {}
 
 @pytest.fixture(autouse=True)
 def _both_cores():
-    """These tests are the suite's longest and nothing else computes while they run: use two torch
-    threads (1.3x faster here), then give back the suite's one thread."""
+    """These tests are the suite's longest: in a serial run nothing else computes while they run, so
+    they use two torch threads (1.3x faster here), then give back the suite's one thread. Under
+    pytest-xdist another worker shares the cores, and two threads there ran 6x slower, not faster."""
     before = torch.get_num_threads()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
     torch.set_num_threads(before)
 
