@@ -8,7 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from d2g.cli.options import build_model
 
-SCHEDULERS = ("ddim", "dpmpp", "euler")
+# UNet (epsilon/v) solvers, then the flow-matching ones for SD3/FLUX-style teachers; auto picks
+# ddim or flow_euler by the teacher's family.
+SCHEDULERS = ("auto", "ddim", "dpmpp", "euler", "flow_euler", "flow_heun")
 
 
 class ConfigError(ValueError):
@@ -29,10 +31,31 @@ class GenerationConfig(BaseModel):
     num_pairs: int = Field(1024, gt=0, description="total pairs in the dataset; a larger value than before extends it")
     shard_size: int = Field(256, gt=0, description="pairs per shard; shard i holds samples [i*S, (i+1)*S) (fingerprint)")
     steps: int = Field(50, gt=0, le=1000, description="solver steps (fingerprint)")
-    scheduler: Literal["ddim", "dpmpp", "euler"] = Field("ddim", description="deterministic ODE solver (fingerprint)")
-    timestep_spacing: Literal["trailing", "leading", "linspace"] = Field("trailing", description="timestep grid; trailing starts at t=T-1 (fingerprint)")
-    guidance: float = Field(3.0, ge=0.0, description="classifier-free guidance scale; <= 1 disables guidance (fingerprint)")
-    guidance_rescale: float = Field(0.0, ge=0.0, le=1.0, description="guidance rescale phi (fingerprint)")
+    scheduler: Literal["auto", "ddim", "dpmpp", "euler", "flow_euler", "flow_heun"] = Field(
+        "auto", description="deterministic ODE solver: ddim, dpmpp, euler for UNet teachers (SD1.5/SDXL-style); "
+        "flow_euler, flow_heun (rectified flow) for SD3/FLUX-style teachers; auto: ddim or flow_euler by the "
+        "teacher (fingerprint)")
+    timestep_spacing: Literal["trailing", "leading", "linspace"] = Field("trailing", description="timestep grid of UNet solvers; trailing starts at t=T-1 (fingerprint)")
+    guidance: float = Field(3.0, ge=0.0, description="classifier-free guidance scale (UNet, SD3; <= 1 disables "
+                            "guidance), or FLUX's embedded guidance scale (fingerprint)")
+    guidance_rescale: float = Field(0.0, ge=0.0, le=1.0, description="guidance rescale phi, UNet teachers (fingerprint)")
+    true_cfg: float = Field(1.0, ge=0.0, description="FLUX only: true classifier-free guidance scale, a second "
+                            "pass with the negative prompt; <= 1 off (fingerprint)")
+    flow_shift: float | None = Field(None, gt=0, description="flow-matching teachers: the fixed sigma shift "
+                                     "(SD3: 3.0); default: the teacher's scheduler config (fingerprint)")
+    flow_dynamic_shifting: bool | None = Field(None, description="flow-matching teachers: shift by the image's "
+                                               "token count (mu, as FLUX.1-dev) instead of flow_shift; default: "
+                                               "the teacher's (fingerprint)")
+    flow_base_shift: float | None = Field(None, description="dynamic shifting: mu at flow_base_seq_len tokens; "
+                                          "default: the teacher's (fingerprint)")
+    flow_max_shift: float | None = Field(None, description="dynamic shifting: mu at flow_max_seq_len tokens; "
+                                         "default: the teacher's (fingerprint)")
+    flow_base_seq_len: int | None = Field(None, gt=0, description="dynamic shifting: image tokens where mu = "
+                                          "flow_base_shift; default: the teacher's (fingerprint)")
+    flow_max_seq_len: int | None = Field(None, gt=0, description="dynamic shifting: image tokens where mu = "
+                                         "flow_max_shift; default: the teacher's (fingerprint)")
+    max_sequence_length: int | None = Field(None, gt=0, le=512, description="SD3/FLUX: T5 tokens per prompt; "
+                                            "default: the pipeline's (SD3 256, FLUX 512) (fingerprint)")
     negative_prompt: str = Field("", description="negative prompt for guidance (fingerprint)")
     seed: int = Field(0, ge=0, description="dataset seed; noise of sample j is a pure function of (seed, j) (fingerprint)")
     dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="teacher dtype (fingerprint)")
@@ -59,6 +82,23 @@ class GenerationConfig(BaseModel):
         if not value.strip():
             raise ValueError("must not be empty")
         return value
+
+
+def solver_settings(config: GenerationConfig):
+    """The solver options of `config`, as d2g.teacher.solver.TeacherSolver takes them."""
+    from d2g.teacher.schedulers import FlowShift
+    from d2g.teacher.solver import SolverSettings
+
+    return SolverSettings(
+        scheduler=config.scheduler, steps=config.steps, timestep_spacing=config.timestep_spacing,
+        guidance=config.guidance, guidance_rescale=config.guidance_rescale,
+        negative_prompt=config.negative_prompt, height=config.height, width=config.width,
+        store_prompt_embeds=config.store_prompt_embeds, trajectory_points=config.trajectory_points,
+        flow=FlowShift(shift=config.flow_shift, dynamic_shifting=config.flow_dynamic_shifting,
+                       base_shift=config.flow_base_shift, max_shift=config.flow_max_shift,
+                       base_seq_len=config.flow_base_seq_len, max_seq_len=config.flow_max_seq_len),
+        true_cfg=config.true_cfg, max_sequence_length=config.max_sequence_length,
+    )
 
 
 def load_config(yaml_path: str | None = None, overrides: dict | None = None) -> GenerationConfig:

@@ -18,8 +18,8 @@ import torch
 from d2g.cli.quiet import quiet_third_party
 from d2g.teacher.loading import load_teacher
 from d2g.teacher.noise import batch_noise, sample_seed
-from d2g.teacher.solver import SolverSettings, TeacherSolver, to_numpy
-from pairgen.config import GenerationConfig
+from d2g.teacher.solver import TeacherSolver, to_numpy
+from pairgen.config import GenerationConfig, solver_settings
 from pairgen.plan import ShardTask
 from store import TRAJECTORY, TRAJECTORY_TIMESTEPS, FieldSpec, PairStore, Schema, layout
 from store.s3_retries import retried_requests
@@ -37,16 +37,6 @@ def _maybe_crash(shard: int, batches_done: int) -> None:
     if int(target) == shard and batches_done >= int(after) and not Path(marker).exists():
         Path(marker).write_text(f"crashed in shard {shard} after {batches_done} batches\n")
         os._exit(1)
-
-
-def solver_settings(config: GenerationConfig) -> SolverSettings:
-    """The solver options of `config`, as TeacherSolver takes them."""
-    return SolverSettings(
-        scheduler=config.scheduler, steps=config.steps, timestep_spacing=config.timestep_spacing,
-        guidance=config.guidance, guidance_rescale=config.guidance_rescale,
-        negative_prompt=config.negative_prompt, height=config.height, width=config.width,
-        store_prompt_embeds=config.store_prompt_embeds, trajectory_points=config.trajectory_points,
-    )
 
 
 class _BackgroundWriter:

@@ -72,19 +72,40 @@ _COMPONENT_CONFIGS = {"scheduler": ("scheduler_config.json",), "tokenizer": ("to
 DENOISERS = ("unet", "transformer")
 
 
-def check_teacher(name_or_path: str, revision: str | None = None) -> dict:
-    """Check, without loading any weights, that a teacher can be loaded: its model_index.json, a
-    denoiser, a VAE, and each listed component's config. Returns the model index. Meant for a driver
-    to run before it starts Ray or writes anything, so a bad --teacher costs one line, not a cluster."""
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def read_model_index(name_or_path: str, revision: str | None = None) -> dict:
+    """A teacher's model_index.json (no weights loaded); TeacherError naming the teacher if absent."""
     from diffusers import DiffusionPipeline
 
     source = resolve_teacher(name_or_path)
     try:
-        index = dict(DiffusionPipeline.load_config(source, revision=revision))
+        return dict(DiffusionPipeline.load_config(source, revision=revision))
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TeacherError(f"cannot find teacher {name_or_path!r} (a built-in alias {sorted(ALIASES)}, a local "
-                           f"diffusers folder, or a hub id in the local cache): {first}") from None
+                           f"diffusers folder, or a hub id in the local cache): {_first_line(err)}") from None
+
+
+def read_scheduler_config(name_or_path: str, revision: str | None = None) -> dict:
+    """A teacher's scheduler/scheduler_config.json (with its `_class_name`), no weights loaded."""
+    from diffusers import DDIMScheduler
+
+    source = resolve_teacher(name_or_path)
+    try:
+        # Any scheduler class reads the file as it is; nothing is instantiated.
+        return dict(DDIMScheduler.load_config(source, subfolder="scheduler", revision=revision))
+    except (OSError, ValueError) as err:
+        raise TeacherError(f"teacher {name_or_path!r}: cannot read its scheduler config: {_first_line(err)}") from None
+
+
+def check_teacher(name_or_path: str, revision: str | None = None) -> dict:
+    """Check, without loading any weights, that a teacher can be loaded: its model_index.json, a
+    denoiser, a VAE, and each listed component's config. Returns the model index. Meant for a driver
+    to run before it starts Ray or writes anything, so a bad --teacher costs one line, not a cluster."""
+    source = resolve_teacher(name_or_path)
+    index = read_model_index(name_or_path, revision)
     components = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]}
     if not components & set(DENOISERS):
         raise TeacherError(f"teacher {name_or_path!r} ({index.get('_class_name')}) has no UNet or transformer")
@@ -112,7 +133,8 @@ def load_teacher(name_or_path: str, dtype: str = "fp32", device: str | None = No
     """Load a teacher pipeline with `DiffusionPipeline.from_pretrained`, frozen (see `freeze`).
 
     Args:
-        name_or_path: a built-in alias (`shapes`, `shapes-xl`), a local diffusers folder, or a hub id.
+        name_or_path: a built-in alias (`shapes`, `shapes-xl`), a local diffusers folder, or a hub id
+            (SD1.5/SDXL-style UNet pipelines; SD3/FLUX-style transformer pipelines).
         dtype: fp32, fp16 or bf16 (or the torch spelling).
         device: a torch device, or None / "auto" for the best available.
         revision: the hub revision, for hub ids.

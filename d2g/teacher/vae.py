@@ -39,13 +39,22 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
 
 
 def latent_shape(pipe, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
-    """(channels, latent height, latent width) of a pipeline's denoiser input for an image of
-    height x width pixels (default: the denoiser's native `sample_size`). Raises ValueError when a
-    size is not a multiple of the VAE's downsampling factor."""
+    """(channels, latent height, latent width) of a pipeline's latents for an image of height x width
+    pixels (default: the denoiser's native `sample_size`; FLUX, whose transformer has none: the
+    pipeline's `default_sample_size`). For FLUX this is the unpacked [C, h, w] layout (the
+    transformer takes 2x2 patches of it, packed). Raises ValueError when a size is not a multiple of
+    the VAE's downsampling factor times the denoiser's patch size."""
     denoiser = getattr(pipe, "unet", None) or pipe.transformer
     factor = int(pipe.vae_scale_factor)
-    native = int(denoiser.config.sample_size) * factor
+    channels = int(denoiser.config.in_channels)
+    patch = int(getattr(denoiser.config, "patch_size", 1) or 1)
+    native = getattr(denoiser.config, "sample_size", None)
+    if hasattr(pipe, "_pack_latents"):  # FLUX-style: in_channels counts a packed 2x2 patch
+        channels, patch, native = channels // 4, 2, getattr(pipe, "default_sample_size", 128)
+    native = int(native) * factor
     height, width = height or native, width or native
-    if height % factor or width % factor:
-        raise ValueError(f"height/width {height}x{width} must be multiples of the VAE factor {factor}")
-    return int(denoiser.config.in_channels), height // factor, width // factor
+    multiple = factor * patch
+    if height % multiple or width % multiple:
+        raise ValueError(f"height/width {height}x{width} must be multiples of {multiple} (the VAE factor {factor}"
+                         + (f" times the patch size {patch})" if patch > 1 else ")"))
+    return channels, height // factor, width // factor
