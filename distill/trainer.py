@@ -42,11 +42,18 @@ from store import (
 WEIGHT_GROUPS = ("generator", "ema", "discriminator")
 # Test-only fault injection: the process SIGKILLs itself right after this step, as a lost node would.
 KILL_AT_STEP_ENV = "D2G_FAULT_KILL_TRAIN_AT_STEP"
+# Test-only: "STEP:PATH,...": after finishing STEP, wait until the file PATH exists (a test decides
+# when training goes on, e.g. only once a node it added back has been taken into the run).
+HOLD_AT_STEP_ENV = "D2G_FAULT_HOLD_TRAIN_AT_STEP"
 
 
 def _maybe_die(step: int) -> None:
     if os.environ.get(KILL_AT_STEP_ENV) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
+    for hold in filter(None, os.environ.get(HOLD_AT_STEP_ENV, "").split(",")):
+        at, path = hold.split(":", 1)
+        while int(at) == step and not os.path.exists(path):
+            time.sleep(0.1)
 
 
 class TrainingStopped(RuntimeError):
@@ -127,7 +134,8 @@ class Trainer:
         self.device = pick_device(config.device)
         pipe = load_teacher(config.teacher, device=str(self.device))
         self.pipe = pipe
-        self.objective = make_objective(config.objective, pipe, config.objective_config, data=config.data)
+        self.objective = make_objective(config.objective, pipe, config.objective_config, data=config.data,
+                                        memory=config.memory())
         self.generator = self.objective.generator
         self.discriminator = self.objective.discriminator
         if self.distributed:

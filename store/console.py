@@ -86,6 +86,7 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None,
         message = describe_os_error(err) if isinstance(err, OSError) and not isinstance(err, expected) else str(err)
         print(f"{parser.prog}: error: {message or type(err).__name__}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: {interrupted}", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        # A command that stopped its own work on Ctrl-C may say more precisely what is kept.
+        print(f"{parser.prog}: {str(err) or interrupted}", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -3,6 +3,10 @@ as on a real cluster) and worker nodes that a test can remove mid-run."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,3 +38,21 @@ def simulated_cluster(worker_nodes: int = 2, cpus_per_node: float = 1) -> Iterat
     finally:
         cluster.shutdown()
         forget_cluster(address)
+
+
+_ACTORS = """
+import json, ray
+from ray._private import state
+ray.init(address="auto", logging_level="ERROR")
+print(json.dumps([{"class": a["ActorClassName"], "node": a["Address"]["NodeID"], "pid": a["Pid"], "state": a["State"]}
+                  for a in state.actors().values()]))
+"""
+
+
+def cluster_actors(address: str) -> list[dict]:
+    """Every actor the cluster at `address` has had ({class, node, pid, state}), from its GCS
+    actor table (the state API needs the dashboard, which the simulated cluster runs without). Asked
+    from a fresh process: a test's own Ray session is another cluster."""
+    done = subprocess.run([sys.executable, "-c", _ACTORS], env={**os.environ, "RAY_ADDRESS": address},
+                          capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
