@@ -25,32 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from measure import SD15_VAE, reset_peak, run_worker, status_kb  # noqa: E402
-
-
-def build_pipeline(folder: Path, channels: list[int]) -> Path:
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from d2g.teacher.clip_vocab import write_clip_tokenizer
-
-    torch.manual_seed(0)
-    tok = write_clip_tokenizer(folder / "tokenizer", words="a red blue circle square".split())
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256,
-                                        num_hidden_layers=2, num_attention_heads=4, bos_token_id=tok.bos_token_id,
-                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-    n = len(channels)
-    unet = UNet2DConditionModel(block_out_channels=tuple(channels), layers_per_block=1, sample_size=64,
-                                down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-                                cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    StableDiffusionPipeline(vae=AutoencoderKL(**SD15_VAE), text_encoder=text, tokenizer=tok, unet=unet,
-                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(folder)
-    return folder
+from measure import build_sd15_pipeline, reset_peak, run_worker, status_kb  # noqa: E402
 
 
 def _train_step_worker(teacher: str, loss: str, batch: int, repeats: int) -> dict:
@@ -148,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     with tempfile.TemporaryDirectory() as tmp:
-        teacher = str(build_pipeline(Path(tmp) / "teacher", args.unet_channels))
+        teacher = str(build_sd15_pipeline(Path(tmp) / "teacher", args.unet_channels))
         def worker(case: str, repeats: int, *extra: str) -> dict:
             return run_worker(__file__, [case, "--teacher", teacher, "--threads", str(args.threads), "--repeats",
                                          str(repeats), "--batch", str(args.batch), *extra], args.threads)

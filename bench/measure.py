@@ -43,3 +43,38 @@ def run_worker(script: str, args: list[str], threads: int, mmap_threshold: int =
     if out.returncode != 0:
         raise RuntimeError(f"{Path(script).name} {' '.join(args)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# A small VAE for benchmarks whose cost is the UNet's (memory_bench): the step never decodes.
+TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                norm_num_groups=8, layers_per_block=1, sample_size=64)
+
+
+def build_sd15_pipeline(folder: Path, channels: list[int], layers_per_block: int = 1,
+                        vae: dict | None = None) -> Path:
+    """Save a StableDiffusionPipeline with an SD1.5-architecture UNet of block widths `channels`
+    (random weights, a small CLIP text encoder, `vae` AutoencoderKL kwargs, default SD15_VAE)
+    to `folder` and return it."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from d2g.teacher.clip_vocab import write_clip_tokenizer
+
+    torch.manual_seed(0)
+    tok = write_clip_tokenizer(folder / "tokenizer", words="a red blue circle square".split())
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256,
+                                        num_hidden_layers=2, num_attention_heads=4, bos_token_id=tok.bos_token_id,
+                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    n = len(channels)
+    unet = UNet2DConditionModel(block_out_channels=tuple(channels), layers_per_block=layers_per_block,
+                                sample_size=64, down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+                                cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    StableDiffusionPipeline(vae=AutoencoderKL(**(vae or SD15_VAE)), text_encoder=text, tokenizer=tok, unet=unet,
+                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder)
+    return folder

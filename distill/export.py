@@ -9,6 +9,14 @@ steps, recorded in the model card and in STUDENT_INFO; fewer run a subset of its
 `guidance_scale=0`; `generator=` draws the between-step noise. Images come from d2g.teacher.vae
 (`decode`, then `to_unit_range` for PNGs), as for the teacher. Exports older than few-step support
 have a one-step DDIM scheduler and run one step.
+
+A LoRA student (distill train --generator-lora-rank) is exported both ways: the folder holds the
+pipeline with the adapter merged into the UNet (as above), and LORA_FOLDER/pytorch_lora_weights.safetensors,
+the adapter in diffusers' LoRA format (with its LoraConfig as metadata) for the stock teacher
+pipeline: `pipe.load_lora_weights(DIR/lora)` plus the exported scheduler
+(`LCMScheduler.from_pretrained(DIR, subfolder="scheduler")`) runs the same student. The merged UNet
+is made from that file (load_lora_weights, fuse_lora, unload_lora_weights), so both are the adapter
+a user loads.
 """
 
 from __future__ import annotations
@@ -27,10 +35,34 @@ from distill.train_config import TrainConfig
 from store import NOISE, PROMPT
 
 STUDENT_INFO = "d2g_student.json"
+LORA_FOLDER = "lora"
 
 
 class StudentStepsError(CheckpointError):
     """More sampling steps asked of an exported student than it was trained for (or fewer than 1)."""
+
+
+def _student_adapter_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LoRA generator's checkpoint weights (distill.lora.LoRAGenerator.state_dict) in peft's naming."""
+    from distill.lora import peft_key
+
+    prefix = "lora.weights."
+    weights = {peft_key(k[len(prefix):]): v for k, v in state.items() if k.startswith(prefix)}
+    if not weights:
+        raise CheckpointError("checkpoint generator weights have no LoRA adapter ('lora.weights.' entries) although "
+                              "the run's config has generator_lora_rank > 0")
+    return weights
+
+
+def _merge_lora(pipe, adapter: dict[str, torch.Tensor], settings, folder: str) -> None:
+    """Write `adapter` as diffusers' LoRA file in `folder`, then load it into `pipe` and fuse it into
+    the UNet, leaving a plain UNet (no LoRA layers) with the merged weights."""
+    from distill.lora import save_diffusers_lora
+
+    save_diffusers_lora(type(pipe), adapter, settings, folder)
+    pipe.load_lora_weights(folder, adapter_name="student")
+    pipe.fuse_lora(components=["unet"], lora_scale=1.0, adapter_names=["student"])
+    pipe.unload_lora_weights()
 
 
 def _student_unet_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -72,6 +104,19 @@ image = pipe(prompt, num_inference_steps={num_inference_steps}, guidance_scale={
   each step predicts the clean latent and re-noises it with fresh noise from `generator` to the next
   timestep, the sampler the student was trained with
 - run: `{run}`, step {step}
+{lora}"""
+
+LORA_CARD = """
+The student is also a LoRA adapter (rank {rank}, alpha {alpha}, on {targets}) of the teacher's UNet,
+in `{folder}/`: load it into the stock teacher pipeline with the student's scheduler:
+
+```python
+from diffusers import DiffusionPipeline, LCMScheduler
+pipe = DiffusionPipeline.from_pretrained("{teacher}")
+pipe.load_lora_weights("{out}/{folder}")
+pipe.scheduler = LCMScheduler.from_pretrained("{out}", subfolder="scheduler")
+image = pipe(prompt, num_inference_steps={num_inference_steps}, guidance_scale={guidance_scale}).images[0]
+```
 """
 
 
@@ -129,7 +174,12 @@ def export_student(run_url: str, out_dir: str, step: int | None = None, use_ema:
     config = TrainConfig(**state["config"])
     source = "ema" if use_ema and "ema" in weights else "generator"
     pipe = load_teacher(config.teacher, device="cpu")
-    pipe.unet.load_state_dict(_student_unet_weights(weights[source]))
+    lora = config.memory().generator_lora
+    if lora is None:
+        pipe.unet.load_state_dict(_student_unet_weights(weights[source]))
+        adapter = None
+    else:
+        adapter = _student_adapter_weights(weights[source])
     student_steps = config.objective_config.student_steps
     pipe.scheduler = student_scheduler(dict(pipe.scheduler.config), student_steps)
     info = {"run": run_url, "step": step, "weights": source, "teacher": config.teacher,
@@ -138,11 +188,20 @@ def export_student(run_url: str, out_dir: str, step: int | None = None, use_ema:
             "data_fingerprint_xxh3": _data_fingerprint(config.data)}
     if newer_incomplete and step == latest:
         info["skipped_incomplete_step"] = newer_incomplete[-1]
+    lora_card = ""
+    if lora is not None:
+        info["lora"] = {"folder": LORA_FOLDER, "rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets)}
+        lora_card = LORA_CARD.format(rank=lora.rank, alpha=lora.alpha, targets=", ".join(lora.targets),
+                                     folder=LORA_FOLDER, teacher=config.teacher, out=out_dir,
+                                     num_inference_steps=student_steps, guidance_scale=0.0)
     base_model = config.teacher if config.teacher not in ("shapes", "shapes-xl") else f"d2g/{config.teacher}"
     card = MODEL_CARD.format(base_model=base_model, teacher=config.teacher, objective=config.objective, step=step,
                              weights=source, data=config.data, fingerprint=info["data_fingerprint_xxh3"],
-                             out=out_dir, num_inference_steps=student_steps, guidance_scale=0.0, run=run_url)
+                             out=out_dir, num_inference_steps=student_steps, guidance_scale=0.0, run=run_url,
+                             lora=lora_card)
     with tempfile.TemporaryDirectory(prefix="d2g-export-") as staging:
+        if adapter is not None:
+            _merge_lora(pipe, adapter, lora, os.path.join(staging, LORA_FOLDER))
         pipe.save_pretrained(staging)
         Path(staging, STUDENT_INFO).write_text(json.dumps(info, indent=2))
         Path(staging, "README.md").write_text(card)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -39,6 +40,51 @@ PACKAGED_LPIPS = {"shapes": Path(__file__).parent / "lpips" / "weights" / "shape
 # Teachers whose latent space has packaged LatentLPIPS weights (the shapes teachers share one VAE).
 PACKAGED_LPIPS_FOR_TEACHER = {"shapes": "shapes", "shapes-xl": "shapes"}
 LATENT_LPIPS_LOSSES = ("latent_lpips", "e_latent_lpips")
+# The attention projections of every transformer block: the usual LoRA targets of a diffusers UNet.
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# Objectives whose discriminator is a trainable UNet copy, the only kind a LoRA can replace (add
+# and ladd judge frozen teacher features with small heads; regression has no discriminator).
+LORA_DISCRIMINATOR_OBJECTIVES = ("d2g",)
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    """A LoRA adapter.
+
+    Args:
+        rank: the adapter's rank.
+        alpha: its alpha (the update is scaled by alpha / rank).
+        targets: names of the modules it wraps, matched as peft matches them (a module whose name
+            ends with one of them).
+    """
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    """How the trainable UNets are held. distill.train_config.TrainConfig.memory() builds it from
+    the `distill train` options.
+
+    Args:
+        generator_lora: the student as a LoRA adapter on the teacher UNet (None: a full copy).
+        discriminator_lora: the d2g discriminator's UNet as a LoRA adapter (None: a full copy); with
+            both, the teacher, generator and discriminator share one frozen base UNet (distill.lora).
+        checkpoint_generator: gradient checkpointing of the student's UNet calls.
+        checkpoint_discriminator: gradient checkpointing of the discriminator's UNet calls.
+    """
+
+    generator_lora: LoRASettings | None = None
+    discriminator_lora: LoRASettings | None = None
+    checkpoint_generator: bool = False
+    checkpoint_discriminator: bool = False
+
+    @property
+    def uses_lora(self) -> bool:
+        """Whether any adapter lives on the teacher's UNet."""
+        return self.generator_lora is not None or self.discriminator_lora is not None
 
 
 class ObjectiveConfig(BaseModel):
@@ -68,7 +114,8 @@ class ObjectiveConfig(BaseModel):
     student_step_probs: list[float] | None = Field(
         None, description="per-grid-step training probabilities (None: the objective's default, uniform for "
         "add and regression, LADD's 0.7, 0.1, 0.1, 0.1 cut to student_steps for ladd)")
-    gradient_checkpointing: bool = Field(False, description="recompute activations of trainable UNets in backward")
+    gradient_checkpointing: bool = Field(False, description="recompute activations of trainable UNets in backward "
+                                         "(the same as distill train --grad-checkpointing both)")
     frozen_dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto", description="dtype of the frozen teacher UNet (auto: fp16 on CUDA, fp32 elsewhere)")
 
@@ -203,6 +250,7 @@ def parse_objective_config(name: str, options: ObjectiveConfig | Mapping | None 
 
 
 __all__ = [
-    "ADDConfig", "ADDFamilyConfig", "AdversarialConfig", "D2GConfig", "HEAD_POINTS", "LADDConfig", "OBJECTIVES",
+    "ADDConfig", "ADDFamilyConfig", "AdversarialConfig", "D2GConfig", "HEAD_POINTS", "LADDConfig", "LoRASettings",
+    "MemoryOptions", "OBJECTIVES",
     "OBJECTIVE_CONFIGS", "ObjectiveConfig", "RegressionConfig", "parse_objective_config",
 ]

@@ -34,6 +34,13 @@ parameters frozen (requires_grad False, left so until the next discriminator_los
 checkpointed D recomputes identically in backward); discriminator_loss unfreezes the
 discriminator, runs it through the attribute, and the generator unwrapped under no_grad.
 Call backward on each loss before calling the other loss function.
+
+Memory (`memory=MemoryOptions(...)`, from `distill train`'s --generator-lora-rank,
+--discriminator-lora-rank and --grad-checkpointing): the student (any objective) and the d2g
+discriminator's UNet (d2g only: add/ladd judge frozen teacher features, regression has no
+discriminator) can be LoRA adapters on the teacher's own UNet instead of full copies; with both,
+the teacher, student and discriminator share one frozen base (distill.lora). Full copies are made
+before any adapter is injected, so a full copy never carries an adapter.
 """
 
 from __future__ import annotations
@@ -48,14 +55,16 @@ from distill.conditioning import Conditioning, TextConditioner
 from distill.discriminators.add import ADDDiscriminator
 from distill.discriminators.d2g import D2GDiscriminator
 from distill.discriminators.unet_probe import downsampling_factor
-from distill.generator import OneStepGenerator
+from distill.generator import NoiseSchedule, OneStepGenerator
 from distill.objective_config import (
+    LORA_DISCRIMINATOR_OBJECTIVES,
     OBJECTIVE_CONFIGS,
     OBJECTIVES,
     ADDConfig,
     AdversarialConfig,
     D2GConfig,
     LADDConfig,
+    MemoryOptions,
     ObjectiveConfig,
     RegressionConfig,
 )
@@ -116,9 +125,11 @@ class Objective:
         name: the objective, one of OBJECTIVES.
         pipe: the loaded, frozen teacher pipeline (a UNet-based diffusers pipeline).
         config: the objective's typed config (OBJECTIVE_CONFIGS[name]).
+        memory: LoRA and gradient checkpointing of the trainable UNets (None: full copies, the
+            config's gradient_checkpointing for both).
     """
 
-    def __init__(self, name: str, pipe, config: ObjectiveConfig):
+    def __init__(self, name: str, pipe, config: ObjectiveConfig, memory: MemoryOptions | None = None):
         self.name = name
         self.config = config
         unet = getattr(pipe, "unet", None)
@@ -128,21 +139,43 @@ class Objective:
                 f"built from the teacher UNet); teacher {type(pipe).__name__} has "
                 f"{'a transformer denoiser' if hasattr(pipe, 'transformer') else 'no UNet'}"
             )
+        memory = memory or MemoryOptions()
+        kind = DISCRIMINATORS[name]
+        if memory.discriminator_lora is not None and name not in LORA_DISCRIMINATOR_OBJECTIVES:
+            raise ObjectiveError(f"objective {name!r}: discriminator_lora_rank: no trainable discriminator UNet to "
+                                 f"adapt (LoRA discriminators: {', '.join(LORA_DISCRIMINATOR_OBJECTIVES)})")
+        self.memory = memory
         self.pipe = pipe
         self.teacher_unet = unet.requires_grad_(False).eval()
         self.conditioner = TextConditioner(pipe)
-        # Copies first (float32, trainable), then the frozen teacher may drop to half precision.
-        self.generator: nn.Module = OneStepGenerator(unet, pipe.scheduler, config.gradient_checkpointing)
-        self.schedule = self.generator.schedule
+        checkpoint_g = memory.checkpoint_generator or config.gradient_checkpointing
+        checkpoint_d = memory.checkpoint_discriminator or config.gradient_checkpointing
+        # Full copies first (float32, trainable), then the frozen teacher may drop to half precision,
+        # then adapters go onto it (float32).
+        self.shared = None
+        self.generator: nn.Module | None = None
+        if memory.generator_lora is None:
+            self.generator = OneStepGenerator(unet, pipe.scheduler, checkpoint_g)
+            self.schedule = self.generator.schedule
+        else:
+            self.schedule = NoiseSchedule(pipe.scheduler)
         self.discriminator: nn.Module | None = None
-        kind = DISCRIMINATORS[name]
-        if kind is not None:
-            try:
-                self.discriminator = kind.from_config(unet, self.schedule, config)
-            except ValueError as err:
-                raise ObjectiveError(f"objective {name!r}: {err}") from err
-            self.discriminator.to(self.device)
+        if kind is not None and memory.discriminator_lora is None:
+            self.discriminator = self._build_discriminator(kind, unet, checkpoint_d)
         self._cast_frozen_teacher()
+        if memory.uses_lora:
+            from distill.lora import LoRAError, LoRAGenerator, SharedUNet
+
+            self.shared = SharedUNet(unet)
+            try:
+                if memory.generator_lora is not None:
+                    self.generator = LoRAGenerator(self.shared, pipe.scheduler, memory.generator_lora, checkpoint_g)
+                    self.schedule = self.generator.schedule
+                if memory.discriminator_lora is not None:
+                    self.discriminator = self._build_discriminator(kind, unet, checkpoint_d, self.shared,
+                                                                   memory.discriminator_lora)
+            except LoRAError as err:
+                raise ObjectiveError(f"objective {name!r}: {err}") from err
         self.regression = None
         if config.regression_weight > 0:
             from distill.losses import make_regression_loss
@@ -165,6 +198,18 @@ class Objective:
         return 1.0 if g is None else float(g)
 
     # -- setup helpers ---------------------------------------------------------------------------
+    def _build_discriminator(self, kind, unet, checkpointing: bool, shared=None, lora=None) -> nn.Module:
+        """The objective's discriminator on the teacher UNet (a full copy, or adapter "disc" on
+        `shared`), on the student's device; ObjectiveError naming the bad option."""
+        extra = {"gradient_checkpointing": checkpointing} if kind is D2GDiscriminator else {}
+        if shared is not None:
+            extra.update(shared=shared, lora=lora)
+        try:
+            disc = kind.from_config(unet, self.schedule, self.config, **extra)
+        except ValueError as err:
+            raise ObjectiveError(f"objective {self.name!r}: {err}") from err
+        return disc.to(next(unet.parameters()).device)
+
     def _cast_frozen_teacher(self) -> None:
         choice = self.config.frozen_dtype
         device = next(self.teacher_unet.parameters()).device
@@ -417,13 +462,14 @@ def resolve_objective_config(config: ObjectiveConfig, data: str | None) -> Objec
 
 
 def make_objective(name: str, teacher_pipe, config: ObjectiveConfig | None = None,
-                   data: str | None = None) -> Objective:
+                   data: str | None = None, memory: MemoryOptions | None = None) -> Objective:
     """Build an objective by name ('add', 'd2g', 'ladd', 'regression') for a loaded teacher
     pipeline, with its typed config (None: the objective's preset). `data`, the pair store URL the
     run trains on, resolves what the config leaves to the data (`resolve_objective_config`: the
     score-distillation guidance); without it an unset guidance means unguided. Raises ValueError
     for an unknown name and ObjectiveError for a config of another objective or one this teacher
-    cannot use."""
+    cannot use. `memory`: LoRA adapters and gradient checkpointing (MemoryOptions; None: full
+    copies)."""
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; valid names: {', '.join(OBJECTIVES)}")
     expected = OBJECTIVE_CONFIGS[name]
@@ -432,11 +478,11 @@ def make_objective(name: str, teacher_pipe, config: ObjectiveConfig | None = Non
     elif type(config) is not expected:  # exact: ADDConfig and LADDConfig share a base class
         raise ObjectiveError(f"objective {name!r} takes {expected.__name__}, got {type(config).__name__} "
                              "(see distill.objective_config.parse_objective_config)")
-    return Objective(name, teacher_pipe, resolve_objective_config(config, data))
+    return Objective(name, teacher_pipe, resolve_objective_config(config, data), memory)
 
 
 __all__ = [
     "OBJECTIVES", "OBJECTIVE_CONFIGS", "ADDConfig", "AdversarialConfig", "BatchShapeError", "D2GConfig",
-    "LADDConfig", "NonFiniteLossError", "Objective", "ObjectiveConfig", "ObjectiveError", "RegressionConfig",
+    "LADDConfig", "MemoryOptions", "NonFiniteLossError", "Objective", "ObjectiveConfig", "ObjectiveError", "RegressionConfig",
     "make_objective", "pairs_guidance", "resolve_objective_config",
 ]

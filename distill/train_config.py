@@ -17,14 +17,20 @@ from pydantic import (
 
 from d2g.cli.options import build_model
 from distill.objective_config import (
+    DEFAULT_LORA_TARGETS,
     LATENT_LPIPS_LOSSES,
+    LORA_DISCRIMINATOR_OBJECTIVES,
     OBJECTIVE_CONFIGS,
     PACKAGED_LPIPS,
     PACKAGED_LPIPS_FOR_TEACHER,
+    LoRASettings,
+    MemoryOptions,
     ObjectiveConfig,
     ObjectiveName,
     parse_objective_config,
 )
+
+GradCheckpointing = Literal["none", "generator", "discriminator", "both"]
 
 
 class TrainConfigError(ValueError):
@@ -81,6 +87,22 @@ class TrainConfig(BaseModel):
     ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA decay of the generator (0: no EMA)")
     amp: Literal["none", "bf16", "fp16"] = Field("none", description="mixed precision: bf16 autocast, or fp16 with loss scaling")
     compile: bool = Field(False, description="torch.compile the generator")
+    grad_checkpointing: GradCheckpointing = Field(
+        "none", description="recompute the activations of these trainable UNets in backward instead of keeping "
+        "them (less memory, about one more forward per step; results equal to without)")
+    generator_lora_rank: int = Field(0, ge=0, description="train the student as a LoRA adapter of this rank on the "
+                                     "frozen teacher UNet (0: a full trainable copy); all objectives")
+    generator_lora_alpha: float | None = Field(None, gt=0, description="the student adapter's LoRA alpha (scaling "
+                                               "alpha / rank; default: the rank)")
+    generator_lora_targets: str = Field(",".join(DEFAULT_LORA_TARGETS), description="comma-separated names of the "
+                                        "UNet modules the student adapter wraps (peft target_modules)")
+    discriminator_lora_rank: int = Field(0, ge=0, description="d2g only: the discriminator's UNet as a LoRA adapter "
+                                         "of this rank (0: a full trainable copy); with --generator-lora-rank the "
+                                         "teacher, student and discriminator share one frozen UNet")
+    discriminator_lora_alpha: float | None = Field(None, gt=0, description="the discriminator adapter's LoRA alpha "
+                                                   "(default: the rank)")
+    discriminator_lora_targets: str = Field(",".join(DEFAULT_LORA_TARGETS), description="comma-separated names of "
+                                            "the UNet modules the discriminator adapter wraps")
     seed: int = Field(0, ge=0, description="seed of the data order and of the objective's randomness")
     workers: int = Field(1, gt=0, description="Ray Train workers (DDP ranks); 1 with --no-ray runs in-process")
     min_workers: int | None = Field(None, gt=0, description="elastic training: Ray Train may (re)start the run on as few "
@@ -127,6 +149,35 @@ class TrainConfig(BaseModel):
                              f"the global batch of workers {self.workers} x grad_accum {self.grad_accum} = {micro} "
                              "micro-batches evenly; raise min_workers or grad_accum")
         return self
+
+    @field_validator("generator_lora_targets", "discriminator_lora_targets")
+    @classmethod
+    def _target_names(cls, value: str) -> str:
+        names = [n.strip() for n in value.split(",")]
+        if not all(names):
+            raise ValueError(f"give comma-separated module names such as {','.join(DEFAULT_LORA_TARGETS)}, got {value!r}")
+        return ",".join(names)
+
+    @model_validator(mode="after")
+    def _lora_discriminator_objective(self) -> TrainConfig:
+        if self.discriminator_lora_rank and self.objective not in LORA_DISCRIMINATOR_OBJECTIVES:
+            raise ValueError(f"discriminator_lora_rank: objective {self.objective!r} has no trainable discriminator "
+                             f"UNet to adapt (LoRA discriminators: {', '.join(LORA_DISCRIMINATOR_OBJECTIVES)}); "
+                             "use 0, or --generator-lora-rank alone")
+        return self
+
+    def memory(self) -> MemoryOptions:
+        """The LoRA and gradient-checkpointing options, for distill.objectives.make_objective."""
+
+        def lora(rank: int, alpha: float | None, targets: str) -> LoRASettings | None:
+            return LoRASettings(rank, float(alpha or rank), tuple(targets.split(","))) if rank else None
+
+        return MemoryOptions(
+            generator_lora=lora(self.generator_lora_rank, self.generator_lora_alpha, self.generator_lora_targets),
+            discriminator_lora=lora(self.discriminator_lora_rank, self.discriminator_lora_alpha,
+                                    self.discriminator_lora_targets),
+            checkpoint_generator=self.grad_checkpointing in ("generator", "both"),
+            checkpoint_discriminator=self.grad_checkpointing in ("discriminator", "both"))
 
     @model_validator(mode="after")
     def _objective_config_matches(self) -> TrainConfig:
