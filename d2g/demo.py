@@ -106,22 +106,28 @@ def comparison_grid(args, model_dir: str, report_dir: Path, count: int = 8) -> d
     return {"rows": list(rows), "prompts": prompts}
 
 
-@torch.no_grad()
-def shapes_quality(args, model_dir: str, num: int = 256) -> dict:
-    """With the shapes teacher: every-attribute accuracy of the student beside the teacher at
-    --teacher-steps and at one step (guided and unguided), judged by the evaluator. (Fréchet
-    distance is left to bench/results.py: at 256 samples it is mostly sample-size bias.)"""
-    from d2g.teacher.loading import load_teacher
-    from distill.export import load_student
-    from distill.quality import ShapesQuality, student_sampler, teacher_sampler
+def shapes_quality(args, model_dir: str, out: Path, num: int = 256) -> dict:
+    """With the shapes teacher: the student beside the teacher at --teacher-steps and at one step
+    (guided and unguided) on `num` shapes prompts, through `distill eval --prompts` (the COCO
+    evaluation's code path) with the packaged evaluator as the feature network: its Fréchet
+    distance to real renderings (the FID analogue) and its attribute agreement (the CLIP-score
+    analogue, % of images with every attribute right). Images and results.md go to `out`."""
+    from distill.eval_config import EvalConfig
+    from distill.eval_run import evaluate_prompts
+    from distill.quality import NOISE_SEED
 
-    teacher = load_teacher("shapes")
-    quality = ShapesQuality(teacher, num=num, target_steps=args.teacher_steps, target_guidance=args.guidance)
-    samplers = {f"teacher_{args.teacher_steps}step": quality.target_sampler,
-                "teacher_1step": teacher_sampler(teacher, 1, args.guidance),
-                "teacher_1step_unguided": teacher_sampler(teacher, 1, 1.0),
-                "student_1step": student_sampler(load_student(model_dir))}
-    return {name: {"accuracy": quality.score(sampler)["accuracy"]} for name, sampler in samplers.items()}
+    # distill.quality's prompts and noise seed, so the accuracies are those it reported before.
+    common = dict(prompts="shapes://train", num=num, seed=NOISE_SEED, metrics="fid,clip", out=str(out),
+                  batch_size=64)
+    runs = {f"teacher_{args.teacher_steps}step": dict(teacher="shapes", steps=args.teacher_steps, guidance=args.guidance),
+            "teacher_1step": dict(teacher="shapes", steps=1, guidance=args.guidance),
+            "teacher_1step_unguided": dict(teacher="shapes", steps=1, guidance=1.0),
+            "student_1step": dict(model=model_dir, steps=1)}
+    rows = {}
+    for name, subject in runs.items():
+        result = evaluate_prompts(EvalConfig(**common, **subject, name=name), progress=False)
+        rows[name] = {"accuracy": result["metrics"]["clip"] / 100, "fid": result["metrics"]["fid"]}
+    return rows
 
 
 def _export_once(run: str, model: str, export_student) -> None:
@@ -146,9 +152,14 @@ def write_report(report_dir: Path, sections: dict) -> Path:
     lines += ["## Held-out evaluation (`distill eval`)", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.5g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sections["eval"].items()]
     if sections.get("quality"):
-        lines += ["", "## Judged by the shapes evaluator (`distill.quality`, 256 prompts, held-out noises)", "",
-                  "| sampler | every attribute right |", "|---|---|"]
-        lines += [f"| {name} | {100 * q['accuracy']:.1f}% |" for name, q in sections["quality"].items()]
+        num = sections.get("quality_prompts", 256)
+        lines += ["", f"## Judged by the shapes evaluator (`distill eval --prompts shapes://train`, {num} prompts)", "",
+                  "The COCO evaluation's code path with the packaged evaluator as the feature network: FID is its "
+                  "Fréchet distance to as many real renderings (mostly sample-size bias at a few hundred images: "
+                  "compare rows, not with the papers); the CLIP-score analogue is its attribute agreement. "
+                  "Images and `results.md` in `eval/student-step-N/`.", "",
+                  "| sampler | every attribute right (CLIP analogue) | FID (shapes features) |", "|---|---|---|"]
+        lines += [f"| {name} | {100 * q['accuracy']:.1f}% | {q['fid']:.4g} |" for name, q in sections["quality"].items()]
     lines += ["", "## Grid", "", "Rows, top to bottom: " + ", ".join(sections["grid"]["rows"]) +
               "; columns: the same prompt and noise.", "", "![grid](grid.png)", ""]
     lines += ["Prompts: " + "; ".join(f"`{p}`" for p in sections["grid"]["prompts"]), ""]
@@ -217,12 +228,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{evaluation['teacher_1step_mse']:.4f}; {evaluation['speedup_vs_teacher']:.1f}x faster")
     began = _stage("6/6 report")
     grid = comparison_grid(args, model, report_dir)
-    quality = shapes_quality(args, model, args.quality_prompts) if args.teacher == "shapes" else None
+    # One eval folder per exported step: a re-run that trained further scores the new student afresh.
+    student_step = json.loads((Path(model) / "d2g_student.json").read_text())["step"]
+    quality = (shapes_quality(args, model, report_dir / "eval" / f"student-step-{student_step}", args.quality_prompts)
+               if args.teacher == "shapes" else None)
     if quality:
         print("   every attribute right: " + ", ".join(f"{k} {100 * v['accuracy']:.1f}%" for k, v in quality.items()),
               file=sys.stderr, flush=True)
+        print("   shapes FID: " + ", ".join(f"{k} {v['fid']:.4g}" for k, v in quality.items()), file=sys.stderr, flush=True)
     path = write_report(report_dir, {"teacher": args.teacher, "eval": evaluation, "grid": grid, "stages": stages,
-                                     "quality": quality})
+                                     "quality": quality, "quality_prompts": args.quality_prompts})
     _done(began, f"wrote {path} and {report_dir / 'grid.png'}")
     return 0
 

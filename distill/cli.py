@@ -14,6 +14,7 @@ import sys
 SUBCOMMAND_MODULES = [
     "distill.commands",
     "distill.evaluate",
+    "distill.upscale",
     "distill.lpips.cli",
 ]
 
@@ -44,14 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     from d2g.cli.ray_start import RayAddressError
     from d2g.teacher.loading import TeacherError
     from distill.checkpoint import CheckpointError
+    from distill.eval_config import EvalConfigError
+    from distill.eval_metrics import MetricsError
+    from distill.eval_run import EvalError
     from distill.lpips.checkpoints import CheckpointError as LPIPSFileError
     from distill.objectives import ObjectiveError
     from distill.train_config import TrainConfigError
     from distill.trainer import TrainingStopped
+    from distill.upscale import UpscaleError
     from store import StoreError, console
 
     expected = (TrainConfigError, ObjectiveError, TeacherError, StoreError, CheckpointError, LPIPSFileError,
-                TrainingStopped, RayAddressError)
+                TrainingStopped, RayAddressError, EvalConfigError, EvalError, MetricsError,
+                UpscaleError)
     parser = build_parser()
     console.add_verbosity_flags(parser)
     return console.run_command(parser, argv, expected,

@@ -54,6 +54,10 @@ def _cmd_generate(args) -> int:
     from distill.export import generate_pngs
 
     paths = generate_pngs(args.model, args.prompt, args.num, args.seed, args.out, steps=args.steps)
+    if args.grid:
+        from distill.preview import write_contact_sheet
+
+        write_contact_sheet(paths, args.grid, columns=args.grid_columns)
     if args.json:
         console.print_json({"images": paths})
     else:
@@ -66,7 +70,9 @@ def register(sub) -> None:
     train = sub.add_parser("train", help="train a one-step student from a pair store",
                            description="Stream pairs from a store (local or s3://) and train a one-step student "
                            "with the chosen objective, on Ray Train (DDP) or in-process (--no-ray). Checkpoints go "
-                           "to --out; re-running resumes from the latest complete one.",
+                           "to --out; re-running resumes from the latest complete one. Less memory: LoRA students "
+                           "and d2g discriminators on one shared frozen teacher UNet (--generator-lora-rank, "
+                           "--discriminator-lora-rank) and --grad-checkpointing.",
                            epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--config", help="YAML file with any of the options below")
     add_model_flags(train, TrainConfig)
@@ -78,7 +84,9 @@ def register(sub) -> None:
     export = sub.add_parser("export", help="export a run's student as a diffusers pipeline folder",
                             description="Write a run's student as a stock diffusers pipeline folder with a model "
                             "card: the teacher's pipeline with the student's UNet and a scheduler (LCMScheduler) that "
-                            "runs the student's own 1- to 4-step sampler; the card records its num_inference_steps.",
+                            "runs the student's own 1- to 4-step sampler; the card records its num_inference_steps. A LoRA "
+                            "student (--generator-lora-rank) is merged into that UNet and also written as a diffusers "
+                            "LoRA in OUT/lora, for the stock teacher pipeline's load_lora_weights.",
                             epilog=EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     export.add_argument("run", help="run folder URL (the --out of distill train)")
     export.add_argument("--out", required=True, help="folder URL to write the pipeline to (local or s3://...); "
@@ -100,6 +108,9 @@ def register(sub) -> None:
     gen.add_argument("--out", default="generated", help="output folder URL (local or s3://...)")
     gen.add_argument("--steps", type=int, help="sampling steps (default: the model's recommended steps from "
                      "d2g_student.json; 1 for older exports); at most the steps it was trained for")
+    gen.add_argument("--grid", help="also write the images of this call as one grid PNG here, row by row in "
+                     "file order (the previews to pick from for distill upscale)")
+    gen.add_argument("--grid-columns", type=int, default=8, help="images per grid row")
     console.add_json_flag(gen)
     gen.set_defaults(func=_cmd_generate)
 

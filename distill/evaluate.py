@@ -101,27 +101,70 @@ def evaluate(model_dir: str, data_url: str, num: int = 64, batch_size: int = 16,
     return report
 
 
+EVAL_EXAMPLES = """examples:
+  distill eval --model ./student --data ./demo-out/pairs-heldout --json
+  distill eval --model ./student --prompts shapes://train --num 64 --out eval-results
+"""
+
+
 def register(sub) -> None:
     """Add the `eval` subcommand to `sub` (an argparse subparsers object)."""
-    parser = sub.add_parser("eval", help="distance to the teacher's targets and latency on held-out pairs")
-    parser.add_argument("--model", required=True, help="exported student folder (distill export)")
-    parser.add_argument("--data", required=True, help="held-out pair store URL[@vN] (not the training pairs)")
-    parser.add_argument("--num", type=int, default=64, help="held-out pairs to use")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--teacher-steps", type=int, default=25, help="teacher steps for the latency baseline")
-    parser.add_argument("--lpips-weights", help="LatentLPIPS weights for the perceptual distance (optional)")
-    parser.add_argument("--steps", type=int, help="student sampling steps (default: the model's recommended steps "
-                        "from d2g_student.json; 1 for older exports)")
+    import argparse
+
+    from d2g.cli.options import add_model_flags
+    from distill.eval_config import EvalConfig
+
+    parser = sub.add_parser(
+        "eval", help="FID / CLIP score on prompts (--prompts), or distance to the teacher and latency (--data)",
+        description="Two evaluations. With --prompts: generate an image per prompt (fixed seeds, in resumable "
+        "shards, on Ray with --workers N) with a student (--model) or a teacher at --steps (--teacher), then FID "
+        "against --reference (an image folder or .npz statistics) and CLIP score (--clip-model, a local folder); "
+        "on the shapes world the packaged evaluator gives both (its features, its attribute agreement). Writes "
+        "OUT/NAME/result.json and a row of OUT/results.md. Every option also comes from --config YAML "
+        "(jobs/eval_coco30k_sd15.yaml). With --data: the student's distance to the teacher's ODE targets on "
+        "held-out pairs, and latency (--num default 64, --batch-size 16).",
+        epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file with any of the --prompts evaluation's options")
+    add_model_flags(parser, EvalConfig)
+    parser.add_argument("--data", help="held-out pair store URL[@vN] (not the training pairs): the pair evaluation")
+    parser.add_argument("--teacher-steps", type=int, default=25, help="(--data) teacher steps for the latency baseline")
+    parser.add_argument("--lpips-weights", help="(--data) LatentLPIPS weights for the perceptual distance (optional)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     console.add_json_flag(parser)
     parser.set_defaults(func=_cmd_eval)
 
 
 def _cmd_eval(args) -> int:
-    report = evaluate(args.model, args.data, args.num, args.batch_size, args.teacher_steps, args.lpips_weights,
-                      steps=args.steps)
+    if args.data:
+        if not args.model:
+            from distill.eval_config import EvalConfigError
+
+            raise EvalConfigError("--data needs --model (the exported student to compare with its teacher's targets)")
+        report = evaluate(args.model, args.data, args.num or 64, args.batch_size or 16, args.teacher_steps,
+                          args.lpips_weights, steps=args.steps)
+        if args.json:
+            console.print_json(report)
+        else:
+            for key, value in report.items():
+                print(f"{key:32s} {value}")
+        return 0
+    return _cmd_eval_prompts(args)
+
+
+def _cmd_eval_prompts(args) -> int:
+    import sys
+
+    from d2g.cli.options import flag_overrides
+    from distill.eval_config import EvalConfig, load_eval_config
+    from distill.eval_run import evaluate_prompts
+
+    config = load_eval_config(args.config, flag_overrides(args, EvalConfig))
+    result = evaluate_prompts(config, progress=not args.no_progress)
     if args.json:
-        console.print_json(report)
-    else:
-        for key, value in report.items():
-            print(f"{key:32s} {value}")
+        console.print_json(result)
+    m = result["metrics"]
+    figures = ", ".join(f"{k.upper()} {m[k]:.4g}" for k in ("fid", "clip") if k in m)
+    print(f"distill: {result['name']}: {figures} on {result['num']} images ({result['shards']['generated']} shards "
+          f"generated, {result['shards']['reused']} reused; {m.get('feature_net', '-')} features, protocol "
+          f"{m.get('protocol', '-')}); {result['results_md']}", file=sys.stderr)
     return 0

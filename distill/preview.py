@@ -35,6 +35,21 @@ def grid_png(images: torch.Tensor, columns: int = 8) -> bytes:
     return buffer.getvalue()
 
 
+def write_contact_sheet(paths: list[str], out: str, columns: int = 8) -> str:
+    """The PNGs at `paths` (same size) as one grid PNG at `out` (any fsspec URL), row by row in
+    the order given: a sheet of previews to choose from. Returns `out`."""
+    import numpy as np
+    from PIL import Image
+
+    images = []
+    for path in paths:
+        with fsspec.open(path, "rb") as f:
+            images.append(torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1).float() / 255)
+    with fsspec.open(out, "wb") as f:
+        f.write(grid_png(torch.stack(images), columns=min(columns, len(images))))
+    return out
+
+
 @torch.no_grad()
 def write_preview(trainer, step: int) -> str:
     """Write RUN/previews/step-NNNNNNNN.png: the student's (EMA's, if kept) images for the first

@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The `pairgen` argument parser: `run` (every GenerationConfig field is a flag) and `status`."""
     parser = argparse.ArgumentParser(
         prog="pairgen",
-        description="Run a diffusion teacher's deterministic ODE solver (DDIM eta=0, DPM-Solver++, Euler) over "
+        description="Run a diffusion teacher's deterministic ODE solver (DDIM eta=0, DPM-Solver++, Euler for "
+        "SD1.5/SDXL-style UNets; rectified-flow Euler or Heun for SD3- and FLUX-style transformers) over "
         "many prompts on a Ray cluster and write (noise, prompt, latent) pairs as a versioned, sharded dataset "
         "on any fsspec filesystem (local, s3://). Re-running the same command resumes; a larger --num-pairs "
         "extends the dataset and commits a new version.",
@@ -43,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("url", help="dataset root URL")
     console.add_json_flag(status)
     status.set_defaults(func=_cmd_status)
+
+    from pairgen import prompts
+
+    prompts.register(sub)
     console.add_verbosity_flags(parser)
     return parser
 

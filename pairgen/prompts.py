@@ -166,3 +166,109 @@ def load_prompts(url: str, column: str = "prompt") -> PromptSource:
         values, used_column = _decode_lines(url, data), None
     kept, skipped = _keep_non_empty(values)
     return PromptSource(url, kept, skipped, used_column)
+
+
+# --- COCO caption subsets (the papers' zero-shot evaluation prompts) --------------------------------
+
+COCO_RULE = ("images with a non-empty caption, sorted by image id, shuffled by random.Random(seed); the first "
+             "`num` taken; each gets one caption: its captions sorted by annotation id, index "
+             "xxh64(f'{seed}:{image_id}') mod their count")
+
+
+def _coco_captions(path: str) -> tuple[dict[int, list[dict]], dict[int, str]]:
+    """{image_id: [annotation, ...] sorted by id} and {image_id: file_name} of a COCO captions JSON."""
+    data = _read_bytes(path)
+    try:
+        doc = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PromptSourceError(f"captions file {path}: not valid JSON ({err})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("annotations"), list):
+        raise PromptSourceError(f"captions file {path}: no 'annotations' list (expected COCO's captions_*.json)")
+    by_image: dict[int, list[dict]] = {}
+    for number, ann in enumerate(doc["annotations"]):
+        if not isinstance(ann, dict) or not {"id", "image_id", "caption"} <= ann.keys():
+            raise PromptSourceError(f"captions file {path}: annotations[{number}] lacks id, image_id or caption")
+        if isinstance(ann["caption"], str) and ann["caption"].strip():
+            by_image.setdefault(int(ann["image_id"]), []).append(ann)
+    files = {int(im["id"]): im.get("file_name", "") for im in doc.get("images", []) if isinstance(im, dict)}
+    return {k: sorted(v, key=lambda a: a["id"]) for k, v in by_image.items()}, files
+
+
+def coco_subset(captions_path: str, num: int, seed: int = 0) -> list[dict]:
+    """`num` (image, caption) rows of a COCO captions file by COCO_RULE: distinct images, one
+    caption each, deterministic in (file, num, seed). The subset for a smaller `num` is a prefix of
+    the one for a larger `num` (same seed), so the 5k and 10k sets lie inside the 30k set.
+    Rows: index, id (the caption's annotation id), image_id, file_name, caption."""
+    import random
+
+    by_image, files = _coco_captions(captions_path)
+    if num < 1 or num > len(by_image):
+        raise PromptSourceError(f"--num {num}: captions file {captions_path} has {len(by_image)} images with a "
+                                f"caption; give 1 to {len(by_image)}")
+    images = sorted(by_image)
+    random.Random(seed).shuffle(images)
+    rows = []
+    for index, image_id in enumerate(images[:num]):
+        options = by_image[image_id]
+        ann = options[xxhash.xxh64_intdigest(f"{seed}:{image_id}".encode()) % len(options)]
+        rows.append({"index": index, "id": int(ann["id"]), "image_id": image_id,
+                     "file_name": files.get(image_id, ""), "caption": " ".join(ann["caption"].split())})
+    return rows
+
+
+def write_coco_subset(rows: list[dict], out: str) -> str:
+    """Write rows of `coco_subset` to `out` (any fsspec URL): .jsonl (one JSON object a line) or
+    .parquet; returns `out`. Read it back with `load_prompts(out, column="caption")`."""
+    name = out.rsplit("?", 1)[0].lower()
+    if name.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows), buffer)
+        data = buffer.getvalue()
+    elif name.endswith(".jsonl"):
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    else:
+        raise PromptSourceError(f"--out {out}: give a .jsonl or .parquet file name")
+    with fsspec.open(out, "wb") as f:
+        f.write(data)
+    return out
+
+
+def register(sub) -> None:
+    """Add `prompts coco` to `sub` (the pairgen subparsers object)."""
+    from store import console
+
+    prompts = sub.add_parser("prompts", help="make prompt files (COCO caption subsets for evaluation)")
+    kinds = prompts.add_subparsers(dest="prompts_command", metavar="SOURCE", required=True)
+    coco = kinds.add_parser(
+        "coco", help="a fixed subset of COCO captions (30k/10k/5k as the papers use)",
+        description="One caption for each of NUM distinct images of a COCO captions file, deterministic in "
+        f"(file, num, seed); rule: {COCO_RULE}. Smaller subsets with the same seed are prefixes of larger ones. "
+        "Each row records index, id (caption annotation id), image_id, file_name and caption. "
+        "E.g. --captions annotations/captions_val2014.json --num 30000 --seed 0 --out coco30k.jsonl "
+        "(README.md, Evaluating at the papers' scale).")
+    coco.add_argument("--captions", required=True, help="COCO captions JSON (e.g. captions_val2014.json)")
+    coco.add_argument("--num", type=int, default=30000, help="images (one caption each)")
+    coco.add_argument("--seed", type=int, default=0, help="draw seed")
+    coco.add_argument("--out", required=True, help="output .jsonl or .parquet (local or s3://...)")
+    console.add_json_flag(coco)
+    coco.set_defaults(func=_cmd_coco)
+
+
+def _cmd_coco(args) -> int:
+    import sys
+
+    from store import console
+
+    if not args.out.rsplit("?", 1)[0].lower().endswith((".jsonl", ".parquet")):
+        raise PromptSourceError(f"--out {args.out}: give a .jsonl or .parquet file name")
+    rows = coco_subset(args.captions, args.num, args.seed)
+    write_coco_subset(rows, args.out)
+    summary = {"out": args.out, "num": len(rows), "seed": args.seed, "captions": args.captions, "rule": COCO_RULE}
+    if args.json:
+        console.print_json(summary)
+    print(f"pairgen: wrote {len(rows)} captions of {len(rows)} distinct images (seed {args.seed}) to {args.out}",
+          file=sys.stderr)
+    return 0
