@@ -12,8 +12,7 @@ env:
 demo: env
 	$(PY) -m d2g.demo $(DEMO_ARGS)
 
-# Two pytest workers (TEST_WORKERS=0 runs serially): tests/conftest.py groups the tests so that
-# one worker runs every Ray test in turn while the other runs the rest.
+# Two pytest workers (TEST_WORKERS=0 runs serially); tests/conftest.py keeps each file on one worker.
 TEST_WORKERS ?= 2
 test: env
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)

@@ -7,7 +7,6 @@ path is exercised on both.
 from __future__ import annotations
 
 import os
-import re
 import socket
 import uuid
 from pathlib import Path
@@ -34,29 +33,15 @@ os.environ.pop("AWS_PROFILE", None)
 
 
 # Parallel runs (`make test` runs pytest-xdist with --dist loadgroup): every test file is one group,
-# so its module fixtures are built once, and every file that uses Ray shares the group "ray", so
-# one worker runs all of them in turn with one session Ray, as a serial run does. Ray clusters
-# started side by side (simulated clusters, job servers, the session Ray) would contend for the
-# same two cores and Ray's fixed default ports.
-RAY_FIXTURES = {"ray_local", "ray_job_address", "doc_envs"}
-RAY_SOURCE = re.compile(r"^\s*(import ray\b|from ray\b)|simulated_cluster|ray_local|ray_job_address", re.M)
-
-
-def _file_uses_ray(path: Path, items: list) -> bool:
-    if any(RAY_FIXTURES & set(getattr(item, "fixturenames", ())) for item in items):
-        return True
-    return bool(RAY_SOURCE.search(path.read_text()))
+# so its module fixtures (tiny teachers, pair stores, trained runs) are built once, on one worker.
+# Each worker that needs Ray starts its own session Ray (address="local", its own ports).
 
 
 def pytest_collection_modifyitems(config, items):
-    """Give each test its xdist group (see above); without xdist the marks change nothing."""
-    by_file: dict[Path, list] = {}
+    """Give each test its file's xdist group (see above); without xdist the marks change nothing."""
+    root = Path(__file__).parent
     for item in items:
-        by_file.setdefault(Path(str(item.fspath)), []).append(item)
-    for path, file_items in by_file.items():
-        group = "ray" if _file_uses_ray(path, file_items) else path.relative_to(Path(__file__).parent).as_posix()
-        for item in file_items:
-            item.add_marker(pytest.mark.xdist_group(group))
+        item.add_marker(pytest.mark.xdist_group(Path(str(item.fspath)).relative_to(root).as_posix()))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -206,7 +191,12 @@ def ray_job_address(s3_endpoint, tmp_path_factory):
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
-    temp_dir = tmp_path_factory.mktemp("ray-head")
+    import shutil
+    import tempfile
+
+    # Not under pytest's temp folder: Ray's socket paths below it would pass the 107-byte AF_UNIX
+    # limit in an xdist worker's longer folder (/tmp/pytest-of-USER/pytest-N/popen-gwK/...).
+    temp_dir = Path(tempfile.mkdtemp(prefix="d2g-head-"))
     for _ in range(3):
         started = _start_ray_head(bin_dir, env, temp_dir)
         if started:
@@ -218,6 +208,7 @@ def ray_job_address(s3_endpoint, tmp_path_factory):
         yield address
     finally:
         _stop_process_group(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
     from tests.helpers.ray_cluster import forget_cluster
 
     forget_cluster(f"127.0.0.1:{gcs_port}")
