@@ -12,10 +12,13 @@ env:
 demo: env
 	$(PY) -m d2g.demo $(DEMO_ARGS)
 
-# Two pytest workers (TEST_WORKERS=0 runs serially); tests/conftest.py keeps each file on one worker.
+# Two pytest workers (TEST_WORKERS=0 runs serially), each test file on one worker, so module
+# fixtures (tiny teachers, pair stores, a document's commands in order) are built once; each worker
+# that needs Ray starts its own session Ray. (loadgroup's xdist_group marks do not reach the
+# scheduler under pytest 9: xdist 3.8 renames items through an attribute pytest no longer reads.)
 TEST_WORKERS ?= 2
 test: env
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: env
 	$(VENV)/bin/ruff check store pairgen distill d2g tests bench

@@ -31,19 +31,6 @@ for key, value in {
 os.environ.pop("AWS_PROFILE", None)
 
 
-
-# Parallel runs (`make test` runs pytest-xdist with --dist loadgroup): every test file is one group,
-# so its module fixtures (tiny teachers, pair stores, trained runs) are built once, on one worker.
-# Each worker that needs Ray starts its own session Ray (address="local", its own ports).
-
-
-def pytest_collection_modifyitems(config, items):
-    """Give each test its file's xdist group (see above); without xdist the marks change nothing."""
-    root = Path(__file__).parent
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(Path(str(item.fspath)).relative_to(root).as_posix()))
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
     import torch
