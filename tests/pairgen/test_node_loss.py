@@ -66,7 +66,9 @@ def _run_losing_a_node(teacher, prompts: Path, out: Path, start_timeout: int,
 
 def test_pairgen_finishes_on_the_remaining_node(ray_local, sd15_teacher, prompts, reference, tmp_path):
     out = tmp_path / "pairs"
-    _, stderr, _ = _run_losing_a_node(sd15_teacher, prompts, out, start_timeout=20, add_back=False)
+    # The timeout also bounds the first actors' start: 20 s was too short beside another pytest worker
+    # (both actors' teacher loads took longer, and the run went on with one worker before the loss).
+    _, stderr, _ = _run_losing_a_node(sd15_teacher, prompts, out, start_timeout=60, add_back=False)
     # The lost actor's shard went back to the queue and was done by the surviving actor; before, it was
     # sent to the replacement actor, which could never start, and the run waited forever.
     assert "actor died" in stderr and "retrying" in stderr, stderr[-3000:]
