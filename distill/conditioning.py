@@ -24,11 +24,14 @@ class ConditioningError(ValueError):
 @dataclass
 class Conditioning:
     """Everything a diffusers UNet2DConditionModel needs besides the sample and the timestep: the
-    text encoder's `prompt_embeds`, and for SDXL-type UNets the `pooled` embedding and `time_ids`."""
+    text encoder's `prompt_embeds`, and for SDXL-type UNets the `pooled` embedding and `time_ids`.
+    Flow transformers (distill.flow_student) use `prompt_embeds` and `pooled`, and FLUX with a
+    guidance embedding its value per sample, `guidance` (kept float32 by `to`)."""
 
     prompt_embeds: torch.Tensor  # [B, L, D]
-    pooled: torch.Tensor | None = None  # [B, P] (SDXL-type UNets only)
+    pooled: torch.Tensor | None = None  # [B, P] (SDXL-type UNets, SD3 and FLUX)
     time_ids: torch.Tensor | None = None  # [B, 6] (SDXL-type UNets only)
+    guidance: torch.Tensor | None = None  # [B] (FLUX with a guidance embedding only)
 
     def unet_kwargs(self) -> dict:
         """Keyword arguments of a UNet2DConditionModel call for this conditioning."""
@@ -52,6 +55,7 @@ class Conditioning:
             self.prompt_embeds[index],
             None if self.pooled is None else self.pooled[index],
             None if self.time_ids is None else self.time_ids[index],
+            None if self.guidance is None else self.guidance[index],
         )
 
     def cat(self, other: Conditioning) -> Conditioning:
@@ -63,6 +67,7 @@ class Conditioning:
             torch.cat([self.prompt_embeds, other.prompt_embeds], dim=0),
             _cat(self.pooled, other.pooled),
             _cat(self.time_ids, other.time_ids),
+            _cat(self.guidance, other.guidance),
         )
 
     def to(self, dtype: torch.dtype) -> Conditioning:
@@ -70,7 +75,7 @@ class Conditioning:
         def _to(x):
             return None if x is None else x.to(dtype)
 
-        return Conditioning(self.prompt_embeds.to(dtype), _to(self.pooled), _to(self.time_ids))
+        return Conditioning(self.prompt_embeds.to(dtype), _to(self.pooled), _to(self.time_ids), self.guidance)
 
 
 def needs_pooled(unet) -> bool:

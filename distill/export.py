@@ -10,6 +10,15 @@ steps, recorded in the model card and in STUDENT_INFO; fewer run a subset of its
 (`decode`, then `to_unit_range` for PNGs), as for the teacher. Exports older than few-step support
 have a one-step DDIM scheduler and run one step.
 
+A student of a flow-matching transformer teacher (SD3- or FLUX-style; distill.flow_student) is
+exported into the stock StableDiffusion3Pipeline / FluxPipeline with a pinned
+FlowMatchEulerDiscreteScheduler (shift 1, stochastic sampling: distill.flow_student.flow_student_scheduler):
+one step evaluates sigma 1 and lands on x - v. FLUX students export for 1 to 4 steps (FluxPipeline
+passes the sigmas linspace(1, 1/N, N) the student was trained on; the between-step noise comes from
+torch's global RNG); SD3 students for 1 step only (StableDiffusion3Pipeline's own sigma grid is not
+the student's). STUDENT_INFO records the T5 `max_sequence_length` of the pairs, which the call should
+pass, and FLUX's guidance-embedding value as `guidance_scale`.
+
 A LoRA student (distill train --generator-lora-rank) is exported both ways: the folder holds the
 pipeline with the adapter merged into the UNet (as above), and LORA_FOLDER/pytorch_lora_weights.safetensors,
 the adapter in diffusers' LoRA format (with its LoraConfig as metadata) for the stock teacher
@@ -35,6 +44,15 @@ from distill.train_config import TrainConfig
 from store import NOISE, PROMPT
 
 STUDENT_INFO = "d2g_student.json"
+UNET_STEPS_NOTE = "the steps it was trained for; fewer run a\n  subset of its timesteps, more are refused by its scheduler"
+FLOW_STEPS_NOTE = "the steps it was trained for; run these: the stock scheduler refuses\n  no other number, but another number evaluates sigmas the student was not trained at"
+UNET_SCHEDULER_NOTE = """`LCMScheduler` with `original_inference_steps={steps}` and `timestep_scaling=1e10`:
+  each step predicts the clean latent and re-noises it with fresh noise from `generator` to the next
+  timestep, the sampler the student was trained with"""
+FLOW_SCHEDULER_NOTE = """`FlowMatchEulerDiscreteScheduler` with `shift=1.0` and `stochastic_sampling=True`:
+  each step predicts the clean latent (x - sigma v) and re-noises it to the next sigma with fresh noise
+  from torch's global RNG (seed it with `torch.manual_seed`), the sampler the student was trained
+  with; T5 prompts of `max_sequence_length={max_sequence_length}` tokens, as in training"""
 LORA_FOLDER = "lora"
 
 
@@ -65,12 +83,40 @@ def _merge_lora(pipe, adapter: dict[str, torch.Tensor], settings, folder: str) -
     pipe.unload_lora_weights()
 
 
-def _student_unet_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    prefix = "unet."
+def _student_unet_weights(state: dict[str, torch.Tensor], prefix: str = "unet.") -> dict[str, torch.Tensor]:
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not weights:
-        raise CheckpointError("checkpoint generator weights have no 'unet.' entries")
+        raise CheckpointError(f"checkpoint generator weights have no {prefix!r} entries")
     return weights
+
+
+def _flow_export(pipe, weights: dict[str, torch.Tensor], config: TrainConfig) -> dict:
+    """Put a flow student (distill.flow_student.FlowGenerator weights) and its stock scheduler into
+    the teacher pipeline `pipe`; returns what the model card and STUDENT_INFO add. CheckpointError
+    for what the stock pipeline cannot run."""
+    from d2g.teacher.flow import FLUX, teacher_kind
+    from distill.flow_student import flow_student_scheduler, pairs_max_sequence_length
+
+    kind, steps = teacher_kind(pipe), config.objective_config.student_steps
+    if kind != FLUX and steps > 1:
+        # StableDiffusion3Pipeline builds its own sigma grid (linspace of the scheduler's training
+        # range), which no scheduler config turns into the student's linspace(1, 1/N, N).
+        raise CheckpointError(f"student_steps {steps}: a {type(pipe).__name__} student exports for 1 step only (its "
+                              "stock pipeline's sigma grid is not the student's); FLUX students export for 1 to 4")
+    pipe.transformer.load_state_dict(_student_unet_weights(weights, "transformer."))
+    pipe.scheduler = flow_student_scheduler(steps)
+    guided = kind == FLUX and bool(getattr(pipe.transformer.config, "guidance_embeds", False))
+    try:
+        msl = pairs_max_sequence_length(config.data)
+    except Exception:  # the card is documentation; an unreachable store must not block an export
+        msl = None
+    from d2g.teacher.flow import DEFAULT_MAX_SEQUENCE_LENGTH
+
+    msl = msl or DEFAULT_MAX_SEQUENCE_LENGTH[kind]
+    return {"guidance_scale": float(config.objective_config.flux_guidance) if guided else 0.0,
+            "max_sequence_length": msl,
+            "scheduler_note": FLOW_SCHEDULER_NOTE.format(max_sequence_length=msl), "steps_note": FLOW_STEPS_NOTE,
+            "extra_call": f", max_sequence_length={msl}"}
 
 
 MODEL_CARD = """---
@@ -94,15 +140,12 @@ the teacher's, not the student's:
 ```python
 from diffusers import DiffusionPipeline
 pipe = DiffusionPipeline.from_pretrained("{out}")
-image = pipe(prompt, num_inference_steps={num_inference_steps}, guidance_scale={guidance_scale}).images[0]
+image = pipe(prompt, num_inference_steps={num_inference_steps}, guidance_scale={guidance_scale}{extra_call}).images[0]
 ```
 
-- recommended `num_inference_steps`: {num_inference_steps} (the steps it was trained for; fewer run a
-  subset of its timesteps, more are refused by its scheduler)
+- recommended `num_inference_steps`: {num_inference_steps} ({steps_note})
 - recommended `guidance_scale`: {guidance_scale} (guidance is distilled into the student)
-- scheduler: `LCMScheduler` with `original_inference_steps={num_inference_steps}` and `timestep_scaling=1e10`:
-  each step predicts the clean latent and re-noises it with fresh noise from `generator` to the next
-  timestep, the sampler the student was trained with
+- scheduler: {scheduler_note}
 - run: `{run}`, step {step}
 {lora}"""
 
@@ -175,17 +218,26 @@ def export_student(run_url: str, out_dir: str, step: int | None = None, use_ema:
     source = "ema" if use_ema and "ema" in weights else "generator"
     pipe = load_teacher(config.teacher, device="cpu")
     lora = config.memory().generator_lora
-    if lora is None:
+    student_steps = config.objective_config.student_steps
+    flow = getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None
+    adapter = None
+    extra = {"guidance_scale": 0.0, "scheduler_note": UNET_SCHEDULER_NOTE.format(steps=student_steps),
+             "steps_note": UNET_STEPS_NOTE, "extra_call": ""}
+    if flow:
+        extra = _flow_export(pipe, weights[source], config)
+    elif lora is None:
         pipe.unet.load_state_dict(_student_unet_weights(weights[source]))
-        adapter = None
     else:
         adapter = _student_adapter_weights(weights[source])
-    student_steps = config.objective_config.student_steps
-    pipe.scheduler = student_scheduler(dict(pipe.scheduler.config), student_steps)
+    if not flow:
+        pipe.scheduler = student_scheduler(dict(pipe.scheduler.config), student_steps)
+    guidance_scale = extra["guidance_scale"]
     info = {"run": run_url, "step": step, "weights": source, "teacher": config.teacher,
-            "objective": config.objective, "num_inference_steps": student_steps, "guidance_scale": 0.0,
+            "objective": config.objective, "num_inference_steps": student_steps, "guidance_scale": guidance_scale,
             "student_steps": student_steps, "data": config.data, "out": out_dir,
             "data_fingerprint_xxh3": _data_fingerprint(config.data)}
+    if "max_sequence_length" in extra:
+        info["max_sequence_length"] = extra["max_sequence_length"]
     if newer_incomplete and step == latest:
         info["skipped_incomplete_step"] = newer_incomplete[-1]
     lora_card = ""
@@ -197,8 +249,9 @@ def export_student(run_url: str, out_dir: str, step: int | None = None, use_ema:
     base_model = config.teacher if config.teacher not in ("shapes", "shapes-xl") else f"d2g/{config.teacher}"
     card = MODEL_CARD.format(base_model=base_model, teacher=config.teacher, objective=config.objective, step=step,
                              weights=source, data=config.data, fingerprint=info["data_fingerprint_xxh3"],
-                             out=out_dir, num_inference_steps=student_steps, guidance_scale=0.0, run=run_url,
-                             lora=lora_card)
+                             out=out_dir, num_inference_steps=student_steps, guidance_scale=guidance_scale,
+                             run=run_url, lora=lora_card, scheduler_note=extra["scheduler_note"],
+                             steps_note=extra["steps_note"], extra_call=extra["extra_call"])
     with tempfile.TemporaryDirectory(prefix="d2g-export-") as staging:
         if adapter is not None:
             _merge_lora(pipe, adapter, lora, os.path.join(staging, LORA_FOLDER))
@@ -236,26 +289,77 @@ def recommended_steps(model_dir: str) -> int:
 def check_steps(pipe, steps: int) -> None:
     """StudentStepsError (a one-line CLI error) unless the exported student in `pipe` can sample in
     `steps` steps: 1 to the steps it was trained for (its scheduler's original_inference_steps)."""
-    from distill.generator import trained_steps_of
-
-    trained = trained_steps_of(pipe.scheduler)
+    trained = _trained_steps(pipe)
     if not 1 <= steps <= trained:
         raise StudentStepsError(f"--steps {steps}: this student was trained for {trained} step"
                                 f"{'s' if trained > 1 else ''}; give 1 to {trained}")
 
 
+def _is_flow(pipe) -> bool:
+    return getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None
+
+
+def _trained_steps(pipe) -> int:
+    """The steps the exported student in `pipe` was trained for: its LCM scheduler's (UNet), or
+    STUDENT_INFO's in the folder it was loaded from (flow students: their stock scheduler does not
+    record it)."""
+    from distill.generator import trained_steps_of
+
+    if not _is_flow(pipe):
+        return trained_steps_of(pipe.scheduler)
+    folder = getattr(pipe.config, "_name_or_path", None)
+    return recommended_steps(str(folder)) if folder else 1
+
+
+@torch.no_grad()
+def _flow_student_latents(pipe, prompts: list[str], noise: torch.Tensor, steps: int,
+                          max_sequence_length: int | None, generator: Generators) -> torch.Tensor:
+    from d2g.teacher.flow import teacher_kind
+    from distill.flow_student import (
+        FlowSchedule,
+        FlowTextConditioner,
+        flow_few_step_sample,
+        flow_velocity,
+        sampler_draw,
+    )
+
+    kind = teacher_kind(pipe)
+    trained = _trained_steps(pipe)
+    guidance = _exported_info(pipe).get("guidance_scale", 0.0)
+    cond = FlowTextConditioner(pipe, max_sequence_length, guidance or 0.0)({PROMPT: prompts, NOISE: noise})
+    grid = FlowSchedule(kind).student_grid(steps, trained)
+    return flow_few_step_sample(lambda x, s: flow_velocity(pipe.transformer, kind, x, s, cond), noise, grid,
+                                sampler_draw(kind, generator))
+
+
+def _exported_info(pipe) -> dict:
+    folder = getattr(pipe.config, "_name_or_path", None)
+    path = os.path.join(str(folder), STUDENT_INFO) if folder else None
+    if path is None or not os.path.isfile(path):
+        return {}
+    return json.loads(Path(path).read_text())
+
+
 @torch.no_grad()
 def student_latents(pipe, prompts: list[str], noise: torch.Tensor, steps: int | None = None,
-                    generator: Generators = None) -> torch.Tensor:
+                    generator: Generators = None, max_sequence_length: int | None = None) -> torch.Tensor:
     """Prompt to latent in `steps` UNet evaluations (default: the steps the student was trained
     for), with d2g's own sampler (distill.generator.few_step_sample, not the pipeline's loop):
     `prompts` (one per sample) and `noise` [B, C, h, w] to latents [B, C, h, w]. `generator` (one
     per sample, or one) draws the between-step noise as the exported pipeline's `generator` would;
     None: generators keyed by each sample's starting noise (distill.generator.noise_keyed_generators),
-    so evaluation is deterministic and independent of batching."""
+    so evaluation is deterministic and independent of batching. Flow (SD3/FLUX) students run
+    distill.flow_student's sampler instead, with T5 prompts of `max_sequence_length` tokens (None:
+    the stock pipeline's default) and their between-step noise from `generator`, or, when None,
+    from torch's global RNG as their stock pipeline draws it (which ignores `generator=` between
+    steps)."""
     from distill.conditioning import TextConditioner
     from distill.generator import NoiseSchedule, few_step_sample, noise_keyed_generators, trained_steps_of
 
+    if _is_flow(pipe):
+        steps = _trained_steps(pipe) if steps is None else steps
+        check_steps(pipe, steps)
+        return _flow_student_latents(pipe, prompts, noise, steps, max_sequence_length, generator)
     trained = trained_steps_of(pipe.scheduler)
     steps = trained if steps is None else steps
     check_steps(pipe, steps)

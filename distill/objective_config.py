@@ -114,6 +114,9 @@ class ObjectiveConfig(BaseModel):
     student_step_probs: list[float] | None = Field(
         None, description="per-grid-step training probabilities (None: the objective's default, uniform for "
         "add and regression, LADD's 0.7, 0.1, 0.1, 0.1 cut to student_steps for ladd)")
+    flux_guidance: float = Field(3.5, ge=0, description="FLUX teachers with a guidance embedding: the guidance "
+                                 "value the student runs at (FluxPipeline's default guidance_scale, so the exported "
+                                 "pipeline's default call uses it)")
     gradient_checkpointing: bool = Field(False, description="recompute activations of trainable UNets in backward "
                                          "(the same as distill train --grad-checkpointing both)")
     frozen_dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
@@ -170,6 +173,9 @@ class D2GConfig(AdversarialConfig):
     d2g_readout_heads: bool = Field(True, description="heads at every decoder scale (else one on the output)")
     d2g_head_points: tuple[HeadPoint, ...] = Field(HEAD_POINTS, description="where readout heads tap each scale")
     d2g_timestep: int = Field(0, ge=0, description="timestep the discriminator UNet is evaluated at")
+    d2g_token_blocks: list[str] | None = Field(
+        None, description="SD3/FLUX teachers: blocks whose image tokens readout heads read ('block0'.. of "
+        "transformer_blocks, FLUX's 'single0'..; None: every block)")
 
     @model_validator(mode="after")
     def _one_step(self) -> D2GConfig:
@@ -195,7 +201,8 @@ class ADDFamilyConfig(AdversarialConfig):
     r1_gamma: float = Field(1e-5, ge=0, description="R1 weight (0: off)")
     mix_and_match: float = Field(0.0, ge=0, le=1, description="fraction of fakes replaced by mismatched reals")
     add_feature_blocks: list[str] | None = Field(
-        None, description="teacher blocks whose features the heads judge (None: every down block and mid)")
+        None, description="teacher blocks whose features the heads judge (None: every down block and mid; SD3/FLUX "
+        "teachers: 'block0'.., FLUX's 'single0'..; None: every block)")
     add_t_logit_mean: float = Field(1.0, description="re-noising t ~ LogitNormal(mean, std), as LADD")
     add_t_logit_std: float = Field(1.0, gt=0, description="re-noising t ~ LogitNormal(mean, std), as LADD")
     student_steps: int = Field(4, ge=1, le=4, description="sampling steps of the student (ADD, LADD: 4)")

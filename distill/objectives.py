@@ -21,6 +21,10 @@ a later one the pair's latent re-noised to that timestep with fresh noise (ADD's
 student predicts x0 from it. Sampling (`sample`, and the exported pipeline) runs
 distill.generator.few_step_sample on the same grid.
 
+Flow-matching transformer teachers (StableDiffusion3Pipeline, FluxPipeline): the student is
+distill.flow_student.FlowGenerator (sigmas for timesteps), the discriminators those of
+distill.discriminators.flow (FLOW_DISCRIMINATORS); score distillation and LoRA are refused for them.
+
 API for the trainer (see `Objective`); each objective's options are a typed config
 (distill.objective_config: RegressionConfig, D2GConfig, ADDConfig, LADDConfig; defaults are the presets):
     obj = make_objective("d2g", teacher_pipe, D2GConfig(lambda_gan=0.1), data=PAIRS_URL)
@@ -51,12 +55,22 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from d2g.teacher.flow import UnsupportedTeacher, teacher_kind
 from distill.conditioning import Conditioning, TextConditioner
 from distill.discriminators.add import ADDDiscriminator
 from distill.discriminators.d2g import D2GDiscriminator
+from distill.discriminators.flow import FlowD2GDiscriminator, FlowLADDDiscriminator
 from distill.discriminators.unet_probe import downsampling_factor
+from distill.flow_student import (
+    FlowGenerator,
+    FlowTextConditioner,
+    latent_channels,
+    pairs_max_sequence_length,
+    size_factor,
+)
 from distill.generator import NoiseSchedule, OneStepGenerator
 from distill.objective_config import (
+    LATENT_LPIPS_LOSSES,
     LORA_DISCRIMINATOR_OBJECTIVES,
     OBJECTIVE_CONFIGS,
     OBJECTIVES,
@@ -73,6 +87,10 @@ from store import LATENT, NOISE, PROMPT
 # Which discriminator each objective trains (None: no adversarial term).
 DISCRIMINATORS: dict[str, type[nn.Module] | None] = {"regression": None, "d2g": D2GDiscriminator,
                                                      "add": ADDDiscriminator, "ladd": ADDDiscriminator}
+# Flow-matching transformer teachers (SD3/FLUX): the discriminator of each supported objective
+# (None: no adversarial term); objectives not listed are refused for them.
+FLOW_DISCRIMINATORS: dict[str, type[nn.Module] | None] = {"regression": None, "d2g": FlowD2GDiscriminator,
+                                                          "add": FlowLADDDiscriminator, "ladd": FlowLADDDiscriminator}
 FROZEN_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 log = logging.getLogger("distill")
 
@@ -123,23 +141,90 @@ class Objective:
 
     Args:
         name: the objective, one of OBJECTIVES.
-        pipe: the loaded, frozen teacher pipeline (a UNet-based diffusers pipeline).
+        pipe: the loaded, frozen teacher pipeline (a UNet-based diffusers pipeline, or a
+            StableDiffusion3Pipeline / FluxPipeline).
         config: the objective's typed config (OBJECTIVE_CONFIGS[name]).
         memory: LoRA and gradient checkpointing of the trainable UNets (None: full copies, the
             config's gradient_checkpointing for both).
+        max_sequence_length: SD3/FLUX teachers: T5 tokens per prompt when prompts are encoded (the
+            pairs'; None: the stock pipeline's default). make_objective reads it from the pair store.
     """
 
-    def __init__(self, name: str, pipe, config: ObjectiveConfig, memory: MemoryOptions | None = None):
+    def __init__(self, name: str, pipe, config: ObjectiveConfig, memory: MemoryOptions | None = None,
+                 max_sequence_length: int | None = None):
         self.name = name
         self.config = config
+        self.flow_kind: str | None = None  # SD3 or FLUX for a flow-matching transformer teacher
+        if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None:
+            self._init_flow(pipe, memory or MemoryOptions(), max_sequence_length)
+        else:
+            self._init_unet(pipe, memory or MemoryOptions())
+        self.regression = None
+        if config.regression_weight > 0:
+            from distill.losses import make_regression_loss
+
+            kwargs = dict(config.regression_kwargs)
+            if (self.flow_kind is not None and config.regression_loss in LATENT_LPIPS_LOSSES
+                    and "vae" not in kwargs and "latent_channels" not in kwargs):
+                kwargs["vae"] = pipe.vae  # the 16-channel latent space (shift, scale) from the teacher's VAE config
+            self.regression = make_regression_loss(config.regression_loss, **kwargs)
+            self.regression.to(self.device)
+        probs = torch.tensor(config.step_probs(), dtype=torch.float64)
+        self.step_probs = probs / probs.sum()
+        self.grid = self.schedule.student_grid(config.student_steps)
+        self._nfsd_negative: Conditioning | None = None
+        if config.lambda_sd > 0 and config.sd_guidance_scale is None:
+            # make_objective resolves it from the pair store (data=...); without a store, unguided.
+            log.warning("objective %r: sd_guidance_scale is unset and no pair store was given to read the pairs' "
+                        "guidance from; the score-distillation target is the unguided teacher (1.0)", name)
+
+    def _init_flow(self, pipe, memory: MemoryOptions, max_sequence_length: int | None) -> None:
+        """The student and discriminator of an SD3- or FLUX-style teacher (distill.flow_student);
+        ObjectiveError naming the objective and the teacher class for what they do not support."""
+        name, config, teacher = self.name, self.config, type(pipe).__name__
+        try:
+            self.flow_kind = teacher_kind(pipe)
+        except UnsupportedTeacher:
+            raise ObjectiveError(f"objective {name!r} needs a UNet-based, SD3- or FLUX-style diffusers pipeline; "
+                                 f"teacher {teacher} has a transformer denoiser but is neither "
+                                 "StableDiffusion3Pipeline nor FluxPipeline") from None
+        if memory.uses_lora:
+            raise ObjectiveError(f"objective {name!r}: LoRA students and discriminators are not supported for "
+                                 f"{teacher} teachers (use full copies)")
+        if config.lambda_sd > 0:
+            raise ObjectiveError(f"objective {name!r}: score distillation (lambda_sd {config.lambda_sd}) is not "
+                                 f"supported for {teacher} teachers; set lambda_sd 0")
+        if name not in FLOW_DISCRIMINATORS:
+            raise ObjectiveError(f"objective {name!r} is not supported for {teacher} teachers (supported: "
+                                 f"{', '.join(FLOW_DISCRIMINATORS)})")
+        kind = FLOW_DISCRIMINATORS[name]
+        self.memory, self.pipe, self.shared = memory, pipe, None
+        transformer = pipe.transformer
+        self.teacher_unet = transformer.requires_grad_(False).eval()  # the frozen teacher denoiser
+        self.latent_channels, self.size_factor = latent_channels(pipe), size_factor(pipe)
+        self.conditioner = FlowTextConditioner(pipe, max_sequence_length, config.flux_guidance)
+        self.generator = FlowGenerator(transformer, self.flow_kind,
+                                       memory.checkpoint_generator or config.gradient_checkpointing)
+        self.schedule = self.generator.schedule
+        self.discriminator = None
+        if kind is not None:
+            checkpoint_d = memory.checkpoint_discriminator or config.gradient_checkpointing
+            try:
+                disc = kind.from_config(transformer, self.schedule, config, kind=self.flow_kind,
+                                        gradient_checkpointing=checkpoint_d)
+            except ValueError as err:
+                raise ObjectiveError(f"objective {name!r}: {err}") from err
+            self.discriminator = disc.to(next(transformer.parameters()).device)
+        self._cast_frozen_teacher()
+
+    def _init_unet(self, pipe, memory: MemoryOptions) -> None:
+        """The student and discriminator of a UNet teacher (full copies or LoRA adapters)."""
+        name, config = self.name, self.config
         unet = getattr(pipe, "unet", None)
         if unet is None or not all(hasattr(unet, a) for a in ("conv_in", "down_blocks", "up_blocks")):
-            raise ObjectiveError(
-                f"objective {name!r} needs a UNet-based diffusers pipeline (student and discriminators are "
-                f"built from the teacher UNet); teacher {type(pipe).__name__} has "
-                f"{'a transformer denoiser' if hasattr(pipe, 'transformer') else 'no UNet'}"
-            )
-        memory = memory or MemoryOptions()
+            raise ObjectiveError(f"objective {name!r} needs a UNet-based, SD3- or FLUX-style diffusers pipeline; "
+                                 f"teacher {type(pipe).__name__} has {'no UNet' if unet is None else type(unet).__name__}")
+        self.latent_channels, self.size_factor = unet.config.in_channels, downsampling_factor(unet)
         kind = DISCRIMINATORS[name]
         if memory.discriminator_lora is not None and name not in LORA_DISCRIMINATOR_OBJECTIVES:
             raise ObjectiveError(f"objective {name!r}: discriminator_lora_rank: no trainable discriminator UNet to "
@@ -176,20 +261,6 @@ class Objective:
                                                                    memory.discriminator_lora)
             except LoRAError as err:
                 raise ObjectiveError(f"objective {name!r}: {err}") from err
-        self.regression = None
-        if config.regression_weight > 0:
-            from distill.losses import make_regression_loss
-
-            self.regression = make_regression_loss(config.regression_loss, **config.regression_kwargs)
-            self.regression.to(self.device)
-        probs = torch.tensor(config.step_probs(), dtype=torch.float64)
-        self.step_probs = probs / probs.sum()
-        self.grid = self.schedule.student_grid(config.student_steps)
-        self._nfsd_negative: Conditioning | None = None
-        if config.lambda_sd > 0 and config.sd_guidance_scale is None:
-            # make_objective resolves it from the pair store (data=...); without a store, unguided.
-            log.warning("objective %r: sd_guidance_scale is unset and no pair store was given to read the pairs' "
-                        "guidance from; the score-distillation target is the unguided teacher (1.0)", name)
 
     @property
     def sd_guidance_scale(self) -> float:
@@ -227,8 +298,7 @@ class Objective:
 
     # -- batch handling --------------------------------------------------------------------------
     def _validate(self, batch: dict) -> None:
-        unet = self.teacher_unet
-        channels, factor = unet.config.in_channels, downsampling_factor(unet)
+        channels, factor = self.latent_channels, self.size_factor
         ref = None
         for field in (NOISE, LATENT):
             x = batch.get(field)
@@ -236,7 +306,7 @@ class Objective:
                 raise BatchShapeError(f"batch has no {field!r} field (needed by objective {self.name!r})")
             if x.ndim != 4 or x.shape[1] != channels or x.shape[2] % factor or x.shape[3] % factor:
                 raise BatchShapeError(
-                    f"batch field {field!r} has shape {tuple(x.shape)}; the teacher UNet expects "
+                    f"batch field {field!r} has shape {tuple(x.shape)}; the teacher expects "
                     f"[B, {channels}, H, W] with H and W multiples of {factor}"
                 )
             if ref is not None and x.shape != ref[1].shape:
@@ -259,7 +329,9 @@ class Objective:
         grid = self.grid
         b = noise.shape[0]
         if len(grid) == 1:
-            return noise, torch.full((b,), grid[0], device=noise.device, dtype=torch.long)
+            # UNet grids are integer timesteps, flow grids float sigmas.
+            dtype = torch.long if isinstance(grid[0], int) else torch.float32
+            return noise, torch.full((b,), grid[0], device=noise.device, dtype=dtype)
         idx = torch.multinomial(self.step_probs, b, replacement=True).to(noise.device)
         timesteps = torch.tensor(grid, device=noise.device)[idx]
         renoised = self.schedule.add_noise(latent, torch.randn_like(latent), timesteps)
@@ -426,10 +498,10 @@ class Objective:
         NoiseSchedule.student_grid); `generator` (one, or one per sample) draws the fresh noise
         between steps, as the exported pipeline's `generator` does."""
         noise = batch[NOISE].to(self.device, torch.float32)
-        if noise.ndim != 4 or noise.shape[1] != self.teacher_unet.config.in_channels:
+        if noise.ndim != 4 or noise.shape[1] != self.latent_channels:
             raise BatchShapeError(
-                f"batch field 'noise' has shape {tuple(noise.shape)}; the teacher UNet expects "
-                f"[B, {self.teacher_unet.config.in_channels}, H, W]"
+                f"batch field 'noise' has shape {tuple(noise.shape)}; the teacher expects "
+                f"[B, {self.latent_channels}, H, W]"
             )
         cond = self.conditioner(batch, tuple(noise.shape[-2:]))
         trained = self.config.student_steps
@@ -478,7 +550,9 @@ def make_objective(name: str, teacher_pipe, config: ObjectiveConfig | None = Non
     elif type(config) is not expected:  # exact: ADDConfig and LADDConfig share a base class
         raise ObjectiveError(f"objective {name!r} takes {expected.__name__}, got {type(config).__name__} "
                              "(see distill.objective_config.parse_objective_config)")
-    return Objective(name, teacher_pipe, resolve_objective_config(config, data), memory)
+    flow = getattr(teacher_pipe, "unet", None) is None and getattr(teacher_pipe, "transformer", None) is not None
+    return Objective(name, teacher_pipe, resolve_objective_config(config, data), memory,
+                     max_sequence_length=pairs_max_sequence_length(data) if flow else None)
 
 
 __all__ = [
