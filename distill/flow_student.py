@@ -27,7 +27,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from d2g.teacher.flow import DEFAULT_MAX_SEQUENCE_LENGTH, FLOW_KINDS, FLUX, SD3, teacher_kind
+from d2g.teacher.flow import (
+    DEFAULT_MAX_SEQUENCE_LENGTH,
+    FLOW_KINDS,
+    FLUX,
+    SD3,
+    pack_tokens,
+    teacher_kind,
+    unpack_tokens,
+)
 from distill.conditioning import Conditioning, ConditioningError
 from store import LATENT, NOISE, POOLED_PROMPT_EMBEDS, PROMPT, PROMPT_EMBEDS
 
@@ -63,17 +71,6 @@ def size_factor(pipe) -> int:
     return 2 if teacher_kind(pipe) == FLUX else int(pipe.transformer.config.patch_size)
 
 
-def _pack(x: torch.Tensor) -> torch.Tensor:
-    b, c, h, w = x.shape
-    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def _unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    b, _, packed = tokens.shape
-    c = packed // 4
-    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
-
-
 def _image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
     """FluxPipeline._prepare_latent_image_ids for an unpacked h x w latent: (0, row, col) per token."""
     ids = torch.zeros(h // 2, w // 2, 3)
@@ -99,11 +96,11 @@ def flow_velocity(transformer: nn.Module, kind: str, x_t: torch.Tensor, sigma: t
     h, w = x_t.shape[-2:]
     guidance = cond.guidance if getattr(transformer.config, "guidance_embeds", False) else None
     txt_ids = torch.zeros(cond.prompt_embeds.shape[1], 3, device=x_t.device, dtype=dtype)
-    out = transformer(hidden_states=_pack(x_t.to(dtype)), timestep=t.to(dtype) / NUM_TRAIN_TIMESTEPS,
+    out = transformer(hidden_states=pack_tokens(x_t.to(dtype)), timestep=t.to(dtype) / NUM_TRAIN_TIMESTEPS,
                       guidance=None if guidance is None else guidance.float(), pooled_projections=cond.pooled,
                       encoder_hidden_states=cond.prompt_embeds, txt_ids=txt_ids,
                       img_ids=_image_ids(h, w, x_t.device, dtype), return_dict=False)[0]
-    return _unpack(out, h, w)
+    return unpack_tokens(out, h, w)
 
 
 class FlowSchedule:
@@ -162,7 +159,7 @@ def packed_draw(shape: tuple[int, ...], device: torch.device, generator=None) ->
     """FLUX: the pipeline's latents are packed tokens, so its fresh noise is drawn in that shape;
     drawn the same way and unpacked here (a permutation)."""
     b, c, h, w = shape
-    return _unpack(global_rng_draw((b, (h // 2) * (w // 2), 4 * c), device, generator), h, w)
+    return unpack_tokens(global_rng_draw((b, (h // 2) * (w // 2), 4 * c), device, generator), h, w)
 
 
 def flow_few_step_sample(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,

@@ -63,6 +63,20 @@ def kind_of_index(index: dict) -> str:
     return UNET
 
 
+def pack_tokens(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w] -> FLUX's packed [B, h/2*w/2, 4C] tokens (each token a 2x2 patch, channel-major),
+    for callers without a pipeline; equal to the pipeline's own packing (tested)."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_tokens(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of `pack_tokens`: [B, h/2*w/2, 4C] -> [B, C, h, w] for an h x w latent."""
+    b, _, packed = tokens.shape
+    c = packed // 4
+    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
 def pack(pipe, latents: torch.Tensor) -> torch.Tensor:
     """[B, C, h, w] -> FLUX's packed [B, h/2*w/2, 4C] tokens, by the pipeline's own packing."""
     b, c, h, w = latents.shape

@@ -240,9 +240,9 @@ class FlowD2GDiscriminator(nn.Module):
             return None
         z = ctx["z"].to(self.z_embed.weight.dtype)
         if self.kind == FLUX:
-            from distill.flow_student import _pack
+            from d2g.teacher.flow import pack_tokens
 
-            return output + self.z_embed(_pack(z)).to(output.dtype)
+            return output + self.z_embed(pack_tokens(z)).to(output.dtype)
         return output + self.z_embed(z).flatten(2).transpose(1, 2).to(output.dtype)
 
     @contextlib.contextmanager

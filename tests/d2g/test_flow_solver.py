@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from d2g.teacher.flow import pack, unpack
+from d2g.teacher.flow import pack, pack_tokens, unpack, unpack_tokens
 from d2g.teacher.loading import load_teacher
 from d2g.teacher.noise import batch_noise
 from d2g.teacher.schedulers import FlowShift, SchedulerError, build_scheduler, flow_solver_kwargs
@@ -148,6 +148,9 @@ def test_packing_is_the_pipelines_and_round_trips(flux_teacher):
     assert tuple(tokens.shape) == (2, 64, 64), "8x8 tokens of 2x2x16 values"
     assert torch.equal(tokens[0, 0, :4], noise[0, 0, :2, :2].reshape(4)), "token 0 holds channel 0's top-left 2x2 first"
     assert torch.equal(unpack(pipe, tokens, 32, 32), noise)
+    # The pipeline-free packing the students use is the same permutation.
+    assert torch.equal(pack_tokens(noise), tokens)
+    assert torch.equal(unpack_tokens(tokens, 16, 16), noise)
 
 
 def test_settings_that_do_not_fit_the_teacher_are_refused(sd3_teacher, flux_teacher, sd15_teacher):
