@@ -255,12 +255,13 @@ def save_diffusers_lora(pipe_class, state: dict[str, torch.Tensor], settings: Lo
     """Write a student adapter (peft state-dict naming, `AdapterParameters.peft_state_dict`) as
     diffusers' LoRA file (`pytorch_lora_weights.safetensors`, with its LoraConfig as metadata) in
     `folder`, loadable with `pipe.load_lora_weights(folder)` on the teacher's pipeline class."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-
     metadata = lora_config(settings).to_dict()
     metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
-    pipe_class.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(dict(state)),
-                                 safe_serialization=True, unet_lora_adapter_metadata=metadata)
+    # Written in peft's naming as it is. diffusers' convert_state_dict_to_diffusers renames only the
+    # attention projections (to_q.lora_A -> to_q.lora.down); with other targets (convolutions,
+    # feed-forward) the file mixes both namings and load_lora_weights silently drops the renamed ones.
+    pipe_class.save_lora_weights(folder, unet_lora_layers=dict(state), safe_serialization=True,
+                                 unet_lora_adapter_metadata=metadata)
 
 
 __all__ = ["AdapterParameters", "DISC", "LoRAError", "LoRAGenerator", "STUDENT", "STUDENT_EMA", "SharedUNet",
