@@ -57,20 +57,26 @@ class ShapesQuality:
             distance targets.
         batch_size: samples per sampler call and per decode.
         evaluator: the shapes evaluator (default: the packaged one).
+        split: whose captions and real renderings: "train", or "heldout", the attribute
+            combinations no pair store made from `shapes://train` contains (zero-shot, as the papers
+            evaluate).
     """
 
     def __init__(self, teacher_pipe, num: int = 256, diversity_prompts: int = 16, diversity_samples: int = 8,
                  target_steps: int = 25, target_guidance: float = 3.0, batch_size: int = 128,
-                 evaluator: Evaluator | None = None):
+                 evaluator: Evaluator | None = None, split: str = "train"):
+        if split not in world.SPLITS:
+            raise ValueError(f"ShapesQuality: unknown split {split!r}; choose one of {world.SPLITS}")
         self.teacher = teacher_pipe
+        self.split = split
         self.judge = evaluator or Evaluator.load()
         self.batch_size = batch_size
         self.latent_shape = latent_shape(teacher_pipe)
-        self.prompts, self.attributes = sampling.prompts(PROMPT_SEED, num, "train")
+        self.prompts, self.attributes = sampling.prompts(PROMPT_SEED, num, split)
         self.noise = batch_noise(NOISE_SEED, list(range(num)), self.latent_shape)
-        real_images, _, _ = world.batch(REAL_SEED, 0, num, "train")
+        real_images, _, _ = world.batch(REAL_SEED, 0, num, split)
         self.real_features = self.judge.features(real_images)
-        div_prompts, _ = sampling.prompts(DIVERSITY_SEED, diversity_prompts, "train")
+        div_prompts, _ = sampling.prompts(DIVERSITY_SEED, diversity_prompts, split)
         self.diversity_shape = (diversity_prompts, diversity_samples)
         self.diversity_prompts = [p for p in div_prompts for _ in range(diversity_samples)]
         self.diversity_noise = batch_noise(DIVERSITY_SEED, list(range(len(self.diversity_prompts))), self.latent_shape)
@@ -125,10 +131,10 @@ class ShapesQuality:
         """The same measures for real renderings: Fréchet between two real sets, real diversity."""
         import numpy as np
 
-        other, _, _ = world.batch(REAL_SEED + 1, 0, len(self.prompts), "train")
+        other, _, _ = world.batch(REAL_SEED + 1, 0, len(self.prompts), self.split)
         p, k = self.diversity_shape
         rng = np.random.default_rng(DIVERSITY_SEED)
-        _, div_attrs = sampling.prompts(DIVERSITY_SEED, p, "train")
+        _, div_attrs = sampling.prompts(DIVERSITY_SEED, p, self.split)
         real = np.stack([world.render(a, rng) for a in div_attrs for _ in range(k)])
         return {"frechet": frechet_distance(self.judge.features(other), self.real_features),
                 "diversity": diversity(self.judge.features(real).view(p, k, -1))}
