@@ -83,6 +83,16 @@ def needs_pooled(unet) -> bool:
     return getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
+def batch_prompts(batch: dict, size: int) -> list[str]:
+    """The batch's 'prompt' field, checked against its `size` samples (ConditioningError if not)."""
+    prompts = batch.get(PROMPT)
+    if prompts is None:
+        raise ConditioningError("batch has neither 'prompt_embeds' nor 'prompt'")
+    if len(prompts) != size:
+        raise ConditioningError(f"batch field 'prompt' has {len(prompts)} prompts for {size} samples")
+    return list(prompts)
+
+
 class TextConditioner:
     """Builds `Conditioning` for a batch from stored embeddings or by encoding prompts.
 
@@ -110,12 +120,7 @@ class TextConditioner:
         if batch.get(PROMPT_EMBEDS) is not None:
             cond = self._from_stored(batch, size)
         else:
-            prompts = batch.get(PROMPT)
-            if prompts is None:
-                raise ConditioningError("batch has neither 'prompt_embeds' nor 'prompt'")
-            if len(prompts) != size:
-                raise ConditioningError(f"batch field 'prompt' has {len(prompts)} prompts for {size} samples")
-            cond = self.encode(list(prompts))
+            cond = self.encode(batch_prompts(batch, size))
         if self.sdxl:
             cond.time_ids = self.time_ids(size, latent_hw, cond.prompt_embeds.dtype)
         return cond

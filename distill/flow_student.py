@@ -36,8 +36,8 @@ from d2g.teacher.flow import (
     teacher_kind,
     unpack_tokens,
 )
-from distill.conditioning import Conditioning, ConditioningError
-from store import LATENT, NOISE, POOLED_PROMPT_EMBEDS, PROMPT, PROMPT_EMBEDS
+from distill.conditioning import Conditioning, ConditioningError, batch_prompts
+from store import LATENT, NOISE, POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS
 
 NUM_TRAIN_TIMESTEPS = 1000
 # FluxPipeline's default guidance_scale: the guidance-embedding value a FLUX student runs at unless
@@ -272,12 +272,7 @@ class FlowTextConditioner:
                                         f"{embeds.shape[0]}/{pooled.shape[0]} rows for {size} samples")
             cond = Conditioning(embeds.to(self.device), pooled.to(self.device))
         else:
-            prompts = batch.get(PROMPT)
-            if prompts is None:
-                raise ConditioningError("batch has neither 'prompt_embeds' nor 'prompt'")
-            if len(prompts) != size:
-                raise ConditioningError(f"batch field 'prompt' has {len(prompts)} prompts for {size} samples")
-            cond = self.encode(list(prompts))
+            cond = self.encode(batch_prompts(batch, size))
         if self.uses_guidance:
             cond.guidance = torch.full((size,), self.guidance, device=self.device, dtype=torch.float32)
         return cond

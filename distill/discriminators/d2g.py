@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -32,9 +31,8 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from distill.conditioning import Conditioning
-from distill.discriminators.base import DiscriminatorLogits
+from distill.discriminators.base import JudgedInOneBatch, without_fused_attention
 from distill.discriminators.heads import ReadoutHead
-from distill.discriminators.r1 import r1_penalty
 from distill.discriminators.unet_probe import dummy_conditioning, probe_size
 from distill.objective_config import HEAD_POINTS, D2GConfig, LoRASettings
 
@@ -46,7 +44,7 @@ def _zero_conv(in_ch: int, out_ch: int) -> nn.Conv2d:
     return conv
 
 
-class D2GDiscriminator(nn.Module):
+class D2GDiscriminator(JudgedInOneBatch, nn.Module):
     """The Diffusion2GAN discriminator (see the module docstring); implements
     distill.discriminators.base.Discriminator.
 
@@ -213,9 +211,8 @@ class D2GDiscriminator(nn.Module):
 
     @contextlib.contextmanager
     def double_backward_safe(self):
-        """For R1: fused attention kernels have no double backward, and a checkpointed block would
-        be recomputed outside this context with another kernel; R1 runs on a single sample, so
-        dropping checkpointing for it costs little memory."""
+        """For R1 (see without_fused_attention); a LoRA discriminator on the shared base turns its
+        per-call checkpointing off instead of the model's."""
         if self._shared is not None:  # the shared base's checkpointing is set per call by _running
             checkpointing, self._checkpointing = self._checkpointing, False
             try:
@@ -224,15 +221,8 @@ class D2GDiscriminator(nn.Module):
             finally:
                 self._checkpointing = checkpointing
             return
-        checkpointing = self.unet.is_gradient_checkpointing
-        if checkpointing:
-            self.unet.disable_gradient_checkpointing()
-        try:
-            with sdpa_kernel(SDPBackend.MATH):
-                yield
-        finally:
-            if checkpointing:
-                self.unet.enable_gradient_checkpointing()
+        with without_fused_attention(self.unet):
+            yield
 
     # -- forward ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -273,22 +263,3 @@ class D2GDiscriminator(nn.Module):
         return (logits, features) if return_features else logits
 
     # -- the objective's entry points (distill.discriminators.base.Discriminator) ------------------
-    def generator_logits(self, fake: torch.Tensor, cond: Conditioning, z: torch.Tensor) -> torch.Tensor:
-        """Logits [B, n_heads] of the generator's latents; gradients flow to `fake`."""
-        return self(fake, cond, z=z)
-
-    def discriminator_logits(self, real: torch.Tensor, fake: torch.Tensor, cond: Conditioning, z: torch.Tensor,
-                             r1: bool = False, forward: Callable | None = None) -> DiscriminatorLogits:
-        """Real and fake judged in one batch; R1 on `r1_samples` real latents (the paper's
-        single-sample R1), through `forward` (this module or a DDP wrapper of it)."""
-        forward = self if forward is None else forward
-        b = real.shape[0]
-        logits = forward(torch.cat([real, fake]), cond.cat(cond), z=torch.cat([z, z]))
-        penalty = None
-        if r1:
-            n = min(self.r1_samples, b)
-            x = real[:n].detach().requires_grad_(True)
-            with self.double_backward_safe():
-                r1_logits = forward(x, cond.select(slice(0, n)), z=z[:n])
-                penalty = r1_penalty(r1_logits.mean(dim=1), x)
-        return DiscriminatorLogits(logits[:b], logits[b:], penalty)

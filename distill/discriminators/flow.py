@@ -23,18 +23,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from d2g.teacher.flow import FLUX
 from distill.conditioning import Conditioning
 from distill.discriminators.add import ADDDiscriminator
-from distill.discriminators.base import DiscriminatorLogits
+from distill.discriminators.base import JudgedInOneBatch, without_fused_attention
 from distill.discriminators.heads import ConditionedHead, ReadoutHead
-from distill.discriminators.r1 import r1_penalty
 from distill.discriminators.unet_probe import StopForward
 from distill.flow_student import FlowSchedule, flow_velocity
 from distill.objective_config import ADDFamilyConfig, D2GConfig
@@ -163,7 +160,7 @@ class FlowLADDDiscriminator(ADDDiscriminator):
         return torch.sigmoid(torch.randn(batch, device=device) * self.t_logit_std + self.t_logit_mean)
 
 
-class FlowD2GDiscriminator(nn.Module):
+class FlowD2GDiscriminator(JudgedInOneBatch, nn.Module):
     """The Diffusion2GAN discriminator on a flow transformer (see the module docstring); implements
     distill.discriminators.base.Discriminator.
 
@@ -248,15 +245,8 @@ class FlowD2GDiscriminator(nn.Module):
     @contextlib.contextmanager
     def double_backward_safe(self):
         """For R1: fused attention kernels have no double backward; checkpointing is dropped for it."""
-        checkpointing = self.transformer.is_gradient_checkpointing
-        if checkpointing:
-            self.transformer.disable_gradient_checkpointing()
-        try:
-            with sdpa_kernel(SDPBackend.MATH):
-                yield
-        finally:
-            if checkpointing:
-                self.transformer.enable_gradient_checkpointing()
+        with without_fused_attention(self.transformer):
+            yield
 
     def forward(self, latent: torch.Tensor, cond: Conditioning, z: torch.Tensor | None = None) -> torch.Tensor:
         """Real/fake logits [B, n_heads] (float32) of `latent` [B, C, h, w] under `cond`; `z` the
@@ -276,22 +266,3 @@ class FlowD2GDiscriminator(nn.Module):
         finally:
             self._ctx = None
         return torch.stack([self.heads[n](store[n]) for n in self.tap_names], dim=1)
-
-    def generator_logits(self, fake: torch.Tensor, cond: Conditioning, z: torch.Tensor) -> torch.Tensor:
-        """Logits [B, n_heads] of the generator's latents; gradients flow to `fake`."""
-        return self(fake, cond, z=z)
-
-    def discriminator_logits(self, real: torch.Tensor, fake: torch.Tensor, cond: Conditioning, z: torch.Tensor,
-                             r1: bool = False, forward: Callable | None = None) -> DiscriminatorLogits:
-        """Real and fake judged in one batch; R1 on `r1_samples` real latents, through `forward`."""
-        forward = self if forward is None else forward
-        b = real.shape[0]
-        logits = forward(torch.cat([real, fake]), cond.cat(cond), z=torch.cat([z, z]))
-        penalty = None
-        if r1:
-            n = min(self.r1_samples, b)
-            x = real[:n].detach().requires_grad_(True)
-            with self.double_backward_safe():
-                r1_logits = forward(x, cond.select(slice(0, n)), z=z[:n])
-                penalty = r1_penalty(r1_logits.mean(dim=1), x)
-        return DiscriminatorLogits(logits[:b], logits[b:], penalty)
