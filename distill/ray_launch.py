@@ -1,5 +1,6 @@
 """Run the trainer on Ray Train (TorchTrainer: one process per rank, DDP process group set up by
-Ray: gloo on CPU, NCCL on GPUs), or in this process without Ray.
+Ray: gloo on CPU, NCCL on GPUs; with --fsdp the trainer shards its trainable modules over that
+group, distill.fsdp), or in this process without Ray.
 
 What a Ray Train run shows, quiet by default and loud on request: rank 0 sends its progress to a
 small actor (`ProgressInbox`) that the driver polls, and the driver renders it exactly as an
@@ -416,6 +417,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     working directory). `progress`: a bar where stderr is a terminal; plain progress lines every
     log_every steps either way when there is no bar. Returns the run summary as a dict."""
     config = config.model_copy(update={"data": absolute_url(config.data), "out": absolute_url(config.out)})
+    if os.path.isdir(config.teacher):  # a local teacher folder, for workers outside this working directory
+        config = config.model_copy(update={"teacher": os.path.abspath(config.teacher)})
     weights = config.objective_config.regression_kwargs.get("weights")
     if weights is not None and os.path.exists(str(weights)):
         config.objective_config.regression_kwargs = {**config.objective_config.regression_kwargs,

@@ -103,6 +103,9 @@ class TrainConfig(BaseModel):
                                                    "(default: the rank)")
     discriminator_lora_targets: str = Field(",".join(DEFAULT_LORA_TARGETS), description="comma-separated names of "
                                             "the UNet modules the discriminator adapter wraps")
+    fsdp: bool = Field(False, description="shard the generator and discriminator parameters, gradients and optimizer "
+                       "states over the workers (FSDP; full fine-tunes of large teachers; not with LoRA; needs "
+                       "--workers > 1; checkpoints stay unsharded, so a run resumes with or without it)")
     seed: int = Field(0, ge=0, description="seed of the data order and of the objective's randomness")
     workers: int = Field(1, gt=0, description="Ray Train workers (DDP ranks); 1 with --no-ray runs in-process")
     min_workers: int | None = Field(None, gt=0, description="elastic training: Ray Train may (re)start the run on as few "
@@ -164,6 +167,23 @@ class TrainConfig(BaseModel):
             raise ValueError(f"discriminator_lora_rank: objective {self.objective!r} has no trainable discriminator "
                              f"UNet to adapt (LoRA discriminators: {', '.join(LORA_DISCRIMINATOR_OBJECTIVES)}); "
                              "use 0, or --generator-lora-rank alone")
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_needs_full_copies_and_ranks(self) -> TrainConfig:
+        # One line each: what --fsdp cannot be combined with, and why.
+        if not self.fsdp:
+            return self
+        if self.generator_lora_rank or self.discriminator_lora_rank:
+            raise ValueError("fsdp: not with LoRA (--generator-lora-rank / --discriminator-lora-rank): adapters are "
+                             "small and share the frozen base; FSDP is for full fine-tunes")
+        if self.workers == 1:
+            raise ValueError("fsdp: needs --workers > 1 (there is nothing to shard over on one worker)")
+        if self.amp == "fp16":
+            raise ValueError("fsdp: not with amp fp16 (its loss scaler is not shard-aware here); use --amp bf16")
+        if self.preview_every:
+            raise ValueError("fsdp: not with --preview-every (rank 0 alone cannot run a sharded generator); "
+                             "preview a checkpoint with `distill generate`")
         return self
 
     def memory(self) -> MemoryOptions:

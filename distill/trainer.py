@@ -2,7 +2,9 @@
 
 One process per rank. Distributed runs (Ray Train sets up torch.distributed) average gradients
 with one flat all-reduce per model after backward: explicit, and indifferent to the GAN's
-switching of which parameters train in which phase. Latents are never decoded here except for
+switching of which parameters train in which phase. With --fsdp the generator, discriminator and
+EMA are sharded instead (distill.fsdp): FSDP reduce-scatters the gradients in backward, and
+checkpoints are gathered back into the same unsharded format. Latents are never decoded here except for
 the optional preview grid.
 """
 
@@ -21,6 +23,7 @@ import torch.distributed as dist
 import xxhash
 
 from d2g.teacher.loading import load_teacher, pick_device
+from distill import fsdp
 from distill.checkpoint import CheckpointStore
 from distill.ema import EMA
 from distill.metrics import MetricsWriter, ProgressDisplay, ProgressSink
@@ -93,10 +96,11 @@ class TrainSummary:
         return data
 
 
-def weights_digest(module: torch.nn.Module) -> str:
-    """A short hash of a module's state dict: equal digests, equal weights."""
+def weights_digest(module: torch.nn.Module, state: dict | None = None) -> str:
+    """A short hash of a module's state dict (or of `state`, e.g. a gathered one): equal digests,
+    equal weights."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted((module.state_dict() if state is None else state).items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -140,12 +144,25 @@ class Trainer:
         self.discriminator = self.objective.discriminator
         if self.distributed:
             self._broadcast_parameters()
+        # Made before sharding (an FSDP module cannot be deep-copied), then sharded like the generator.
+        self.ema = EMA(self.generator, config.ema_decay) if config.ema_decay > 0 else None
+        # FSDP on more than one rank only: an elastic run of an --fsdp config restarted on one
+        # worker trains unsharded, from the same (unsharded) checkpoints.
+        self.fsdp = config.fsdp and self.distributed
+        if self.fsdp:  # the frozen teacher (self.pipe) stays whole on every rank: see distill.fsdp
+            mesh = fsdp.device_mesh(world_size)
+            fsdp.shard(self.generator, mesh)
+            if self.discriminator is not None:
+                # R1 differentiates through the discriminator's input gradient: see fsdp.shard.
+                r1 = getattr(config.objective_config, "r1_gamma", 0) > 0
+                fsdp.shard(self.discriminator, mesh, double_backward=r1)
+            if self.ema is not None:
+                fsdp.shard(self.ema.model, mesh, like=self.generator)
         self.g_params = _trainable(self.generator)
         self.d_params = _trainable(self.discriminator)
         adam = dict(betas=tuple(config.betas), weight_decay=config.weight_decay)
         self.opt_g = torch.optim.AdamW(self.g_params, lr=config.lr_g, **adam)
         self.opt_d = torch.optim.AdamW(self.d_params, lr=config.lr_d, **adam) if self.d_params else None
-        self.ema = EMA(self.generator, config.ema_decay) if config.ema_decay > 0 else None
         fp16 = config.amp == "fp16"
         self.scaler_g = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.scaler_d = torch.amp.GradScaler(self.device.type, enabled=fp16)
@@ -232,18 +249,13 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state()
         all_rng = self._gather(rng)
         all_data = self._gather(self.dataset.state_dict())
+        tensors = self._checkpoint_tensors()
         if self.rank == 0:
-            weights = {"generator": self.generator.state_dict()}
-            if self.ema is not None:
-                weights["ema"] = self.ema.state_dict()
-            if self.discriminator is not None:
-                weights["discriminator"] = self.discriminator.state_dict()
-            objects = {"opt_g": self.opt_g.state_dict(), "scaler_g": self.scaler_g.state_dict(),
+            weights, optimizers = tensors
+            objects = {**optimizers, "scaler_g": self.scaler_g.state_dict(),
                        "scaler_d": self.scaler_d.state_dict(),
                        "rng_torch": [r["torch"] for r in all_rng],
                        "rng_cuda": [r.get("cuda") for r in all_rng if r.get("cuda") is not None]}
-            if self.opt_d is not None:
-                objects["opt_d"] = self.opt_d.state_dict()
             state = {"step": self.step, "world_size": self.world_size, "global_batch": self.global_batch,
                      "data": all_data,
                      "data_url": self.config.data, "data_version": self.dataset.version,
@@ -254,20 +266,44 @@ class Trainer:
         if self.distributed:
             dist.barrier()
 
+    def _checkpoint_tensors(self) -> tuple[dict, dict] | None:
+        """The weights ({"generator", "ema", "discriminator"}) and optimiser states ({"opt_g",
+        "opt_d"}) to checkpoint, unsharded, on rank 0 (None elsewhere). Under FSDP every rank takes
+        part in gathering them."""
+        keep = self.rank == 0
+        if not keep and not self.fsdp:
+            return None
+        modules = {"generator": self.generator, "ema": self.ema, "discriminator": self.discriminator}
+        optimizers = {"opt_g": self.opt_g, "opt_d": self.opt_d}
+        weights = {k: m.state_dict() for k, m in modules.items() if m is not None}
+        if self.fsdp:
+            weights = {k: fsdp.full_state_dict(state, keep) for k, state in weights.items()}
+            states = {k: fsdp.full_optimizer_state(o, keep) for k, o in optimizers.items() if o is not None}
+        else:
+            states = {k: o.state_dict() for k, o in optimizers.items() if o is not None}
+        return (weights, states) if keep else None
+
+    def _load_module(self, module: torch.nn.Module | EMA, state: dict) -> None:
+        model = module.model if isinstance(module, EMA) else module
+        module.load_state_dict(fsdp.shard_state_dict(state, model) if self.fsdp else state)
+
+    def _load_optimizer(self, optimizer: torch.optim.Optimizer, params: list, state: dict) -> None:
+        optimizer.load_state_dict(fsdp.shard_optimizer_state(state, params) if self.fsdp else state)
+
     def _restore(self, step: int, weights: dict, objects: dict, state: dict) -> None:
         saved_world = state["world_size"]
         if saved_world != self.world_size and self.global_batch is None:
             raise TrainingStopped(f"checkpoint step {step} in {self.config.out} was written by {saved_world} ranks "
                                   "before runs recorded their global batch; resume it with "
                                   f"{saved_world} ranks")
-        self.generator.load_state_dict(weights["generator"])
+        self._load_module(self.generator, weights["generator"])
         if self.ema is not None and "ema" in weights:
-            self.ema.load_state_dict(weights["ema"])
+            self._load_module(self.ema, weights["ema"])
         if self.discriminator is not None and "discriminator" in weights:
-            self.discriminator.load_state_dict(weights["discriminator"])
-        self.opt_g.load_state_dict(objects["opt_g"])
+            self._load_module(self.discriminator, weights["discriminator"])
+        self._load_optimizer(self.opt_g, self.g_params, objects["opt_g"])
         if self.opt_d is not None and "opt_d" in objects:
-            self.opt_d.load_state_dict(objects["opt_d"])
+            self._load_optimizer(self.opt_d, self.d_params, objects["opt_d"])
         # The config's learning rates win over the checkpoint's: changing them on resume is deliberate.
         for optimizer, lr in ((self.opt_g, self.config.lr_g), (self.opt_d, self.config.lr_d)):
             for group in optimizer.param_groups if optimizer is not None else ():
@@ -298,7 +334,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _sync_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        if not self.distributed or not params:
+        if not self.distributed or not params or self.fsdp:  # FSDP reduce-scattered them in backward
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -323,6 +359,9 @@ class Trainer:
             for k, v in part.items():
                 logs[k] = logs.get(k, 0.0) + v / len(micro_batches)
         self._sync_gradients(params)
+        if self.fsdp:  # units that keep their gathered weights after backward (fsdp.shard) free them now
+            fsdp.reshard(self.generator)
+            fsdp.reshard(self.discriminator)
         scaler.unscale_(optimizer)
         if self.config.clip_grad > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.config.clip_grad)
@@ -442,7 +481,8 @@ class Trainer:
         self.summary.steps = self.step
         self.summary.seconds = time.perf_counter() - began
         self.summary.skipped_shards = dict(self.dataset.skipped)
-        self.summary.rank_weight_hashes = self._gather(weights_digest(self.generator))
+        whole = fsdp.full_state_dict(self.generator.state_dict(), keep=True) if self.fsdp else None
+        self.summary.rank_weight_hashes = self._gather(weights_digest(self.generator, whole))
         if self.rank == 0:
             self.metrics.write_json("summary.json", self.summary.as_dict())
         return self.summary
