@@ -69,7 +69,7 @@ def register(sub) -> None:
     """Add the `train`, `export` and `generate` subcommands to `sub` (an argparse subparsers object)."""
     train = sub.add_parser("train", help="train a one-step student from a pair store",
                            description="Stream pairs from a store (local or s3://) and train a one-step student "
-                           "with the chosen objective, on Ray Train (DDP) or in-process (--no-ray). Checkpoints go "
+                           "with the chosen objective, on Ray Train (DDP, or FSDP with --fsdp) or in-process (--no-ray). Checkpoints go "
                            "to --out; re-running resumes from the latest complete one. Less memory: LoRA students "
                            "and d2g discriminators on one shared frozen teacher UNet (--generator-lora-rank, "
                            "--discriminator-lora-rank) and --grad-checkpointing.",

@@ -32,10 +32,10 @@ API for the trainer (see `Objective`); each objective's options are a typed conf
     g_loss, logs = obj.generator_loss(batch, step)
     d_loss, logs = obj.discriminator_loss(batch, step)
 The objective talks to its discriminator only through distill.discriminators.base.Discriminator.
-The trainer may replace `obj.generator` / `obj.discriminator` by DDP wrappers: generator_loss runs
-the generator through the attribute (so DDP syncs it) and the discriminator unwrapped with its
-parameters frozen (requires_grad False, left so until the next discriminator_loss call, so a
-checkpointed D recomputes identically in backward); discriminator_loss unfreezes the
+The trainer may replace `obj.generator` / `obj.discriminator` by DDP wrappers (FSDP2 shards them in
+place, no wrapper): generator_loss runs the generator through the attribute (so DDP syncs it) and
+the discriminator unwrapped with its parameters frozen (requires_grad False, left so until the next
+discriminator_loss call, so a checkpointed D recomputes identically in backward); discriminator_loss unfreezes the
 discriminator, runs it through the attribute, and the generator unwrapped under no_grad.
 Call backward on each loss before calling the other loss function.
 

@@ -123,6 +123,8 @@ def _worker_loop(loop_config: dict) -> None:
     import ray.train
 
     from d2g.cli.quiet import quiet_third_party
+    from d2g.teacher.loading import TeacherError
+    from distill.objectives import ObjectiveError
 
     # Cluster workers do not inherit the driver's environment: -v travels in the loop config.
     quiet_third_party(loop_config["verbose"])
@@ -141,8 +143,9 @@ def _worker_loop(loop_config: dict) -> None:
         # Before the teacher loads: a worker that cannot see the run's storage is told in seconds.
         check_worker_sees(config.data, config.out, loop_config["storage_token"])
         summary: TrainSummary = Trainer(config, rank, world_size).run(progress=False, sink=sink)
-    except (SharedStorageError, TrainingStopped) as err:
-        # The same on every restart: the driver stops the run instead of Ray Train retrying it.
+    except (SharedStorageError, TrainingStopped, TeacherError, ObjectiveError) as err:
+        # The same on every restart (a bad teacher or objective too): the driver stops the run
+        # instead of Ray Train retrying it --max-failures times.
         if inbox is not None:
             try:
                 ray.get(inbox.push.remote({"kind": "fatal", "message": str(err)}), timeout=30)
