@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from d2g.cli.json_stdout import stdout_kept_for_json
 from d2g.cli.options import add_model_flags, flag_overrides
 from distill.train_config import TrainConfig, load_train_config
 from store import console
@@ -29,7 +30,8 @@ def _cmd_train(args) -> int:
     if args.no_ray:
         overrides["use_ray"] = False
     config = load_train_config(args.config, overrides)
-    summary = train(config, progress=not args.no_progress)
+    with stdout_kept_for_json(args.json):
+        summary = train(config, progress=not args.no_progress)
     if args.json:
         console.print_json(summary)
     print(f"distill: {summary['steps']} steps in {summary['seconds']:.1f} s "

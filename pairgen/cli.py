@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from d2g.cli.json_stdout import stdout_kept_for_json
 from d2g.cli.options import add_model_flags, flag_overrides
 from d2g.cli.quiet import setup_cli_output
 from pairgen.config import ConfigError, GenerationConfig, load_config
@@ -59,7 +60,8 @@ def _print_summary(summary: dict) -> None:
           f"({summary['bytes_written'] / 1e6:.1f} MB) in {summary['seconds']:.1f} s: "
           f"{summary['pairs_per_second']:.1f} pairs/s, {summary['pairs_per_second_per_worker']:.1f} per worker", file=sys.stderr)
     print(f"  reused {summary['shards_reused']} complete shards; retries {summary['retries']}, actors replaced "
-          f"{summary['actors_replaced']}, S3 requests retried {summary['s3_retries']}; truncated prompts "
+          f"{summary['actors_replaced']} (given up {summary['actors_given_up']}, restarted "
+          f"{summary['actors_restarted']}), S3 requests retried {summary['s3_retries']}; truncated prompts "
           f"{summary['truncated_prompts']}, empty prompts skipped {summary['empty_prompts_skipped']}", file=sys.stderr)
 
 
@@ -67,7 +69,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pairgen.runner import PairgenRun
 
     config: GenerationConfig = load_config(args.config, flag_overrides(args, GenerationConfig))
-    summary = PairgenRun(config, progress=not args.no_progress).run().as_dict()
+    with stdout_kept_for_json(args.json):
+        summary = PairgenRun(config, progress=not args.no_progress).run().as_dict()
     if args.json:
         console.print_json(summary)
     _print_summary(summary)

@@ -73,6 +73,10 @@ class GenerationConfig(BaseModel):
     max_retries: int = Field(3, ge=0, description="attempts per shard beyond the first before the run fails")
     actor_start_timeout: float = Field(600.0, gt=0, description="seconds a teacher actor may take to start "
                                        "(find resources, load the teacher) before the run goes on without it")
+    actor_restart_interval: float = Field(30.0, gt=0, description="seconds between tries to start a teacher "
+                                          "actor again in place of one given up for lack of resources (a lost "
+                                          "node), so a node added back is used again; a try that is still "
+                                          "pending never receives shards")
     repair: bool = Field(False, description="regenerate committed shards whose files are missing or damaged "
                          "(byte-identical to the originals, or nothing is replaced) and commit a new version")
 

@@ -67,8 +67,10 @@ class RunSummary:
     plan (`num_pairs`, `num_shards`, `workers`); the work (`shards_generated`, `shards_reused`,
     `shards_repaired`, `pairs_generated`, `bytes_written`, `seconds` of wall time, `worker_seconds`
     of actor time); the trouble (`retries` of shards, `actors_replaced`, `truncated_prompts`,
-    `empty_prompts_skipped`, `actors_given_up` for lack of resources, and `s3_retries`: S3 requests
-    that failed and were re-sent, by the driver and by the actors for the shards they finished)."""
+    `empty_prompts_skipped`, `actors_given_up` for lack of resources, `actors_restarted` in their
+    place once capacity came back, and `s3_retries`: S3 requests that failed and were re-sent, by
+    the driver and by the actors for the shards they finished); and `shards_by_node`: the shards
+    each Ray node id generated."""
 
     out: str
     num_pairs: int = 0
@@ -87,7 +89,9 @@ class RunSummary:
     workers: int = 0
     shards_repaired: list[str] = field(default_factory=list)
     actors_given_up: int = 0
+    actors_restarted: int = 0
     s3_retries: int = 0
+    shards_by_node: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         """The summary as JSON-ready values, with the derived rates (pairs/s, per worker, per busy second)."""
@@ -115,20 +119,27 @@ def _actor_resources(ray, config: GenerationConfig) -> tuple[float, float]:
 
 @dataclass
 class _Slot:
-    """One teacher actor: ready once its `ping` answered (teacher loaded); `load` shards queued on it."""
+    """One teacher actor in the place of worker `worker`: ready once its `ping` answered (teacher
+    loaded; `where` says on which node); `load` shards queued on it; `restart` if it is a new try for
+    a worker that was given up for lack of resources."""
 
     actor: object
     ping: object
     started: float
+    worker: int
+    restart: bool = False
     ready: bool = False
     load: int = 0
+    where: dict = field(default_factory=dict)
 
 
 class _ActorPool:
     """Teacher actors, replaced when they die. Shards go only to actors that are running (their
     teacher loaded), at most `depth` each, so the next shard is already queued when one finishes but
     no shard waits on an actor that may never start: a replacement that finds no free resources
-    within `start_timeout` seconds is given up and the run goes on with fewer actors."""
+    within `start_timeout` seconds is given up and the run goes on with fewer actors. A worker given
+    up is tried again every `restart_interval` seconds (`restart_missing`), so capacity that comes
+    back (a node added back) is used again; a try still pending never receives a shard."""
 
     def __init__(self, ray, config: GenerationConfig, depth: int = 2):
         from pairgen.worker import ShardGenerator
@@ -143,15 +154,18 @@ class _ActorPool:
             num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0,
             runtime_env={"env_vars": env})
         self.slots: dict[int, _Slot] = {}
+        # Workers given up for lack of resources -> when to try starting them again.
+        self.missing: dict[int, float] = {}
         self._next_id = 0
-        for _ in range(config.workers):
-            self._start()
+        for worker in range(config.workers):
+            self._start(worker)
         self.replaced = 0
         self.given_up = 0
+        self.restarted = 0
 
-    def _start(self) -> None:
+    def _start(self, worker: int, restart: bool = False) -> None:
         actor = self._remote.remote(self.config.model_dump(), self.config.threads_per_worker)
-        self.slots[self._next_id] = _Slot(actor, actor.ping.remote(), time.monotonic())
+        self.slots[self._next_id] = _Slot(actor, actor.ping.remote(), time.monotonic(), worker, restart)
         self._next_id += 1
 
     def starting_refs(self) -> list:
@@ -163,8 +177,11 @@ class _ActorPool:
         Raises what the ping raised (an actor that died while starting)."""
         for slot_id, s in self.slots.items():
             if s.ping == ref and not s.ready:
-                self.ray.get(ref)
+                where = self.ray.get(ref)
+                s.where = where if isinstance(where, dict) else {}
                 s.ready = True
+                if s.restart:
+                    self.restarted += 1
                 return slot_id
         return None
 
@@ -179,21 +196,45 @@ class _ActorPool:
 
     def replace(self, slot_id: int) -> None:
         """Kill the actor of `slot_id` (if it still lives) and start a fresh one in its place."""
-        self._kill(self.slots.pop(slot_id).actor)
-        self._start()
+        slot = self.slots.pop(slot_id)
+        self._kill(slot.actor)
+        self._start(slot.worker)
         self.replaced += 1
+
+    def retry_later(self, slot_id: int) -> None:
+        """Kill the actor of `slot_id` (a new try for a given-up worker that died while starting:
+        its node went away again) and try that worker again after the restart interval."""
+        slot = self.slots.pop(slot_id)
+        self._kill(slot.actor)
+        self.missing[slot.worker] = time.monotonic() + self.config.actor_restart_interval
 
     def give_up_stalled(self, timeout: float) -> int:
         """While some actor runs, remove actors that have been starting for longer than `timeout` s
-        (no free CPU/GPU left for them: the work can go on without them); returns how many."""
+        (no free CPU/GPU left for them: the work can go on without them) and schedule their workers'
+        next try; returns how many were given up for the first time (new tries given up again are
+        not news)."""
         if not self.running():
             return 0
         now = time.monotonic()
         stalled = [i for i, s in self.slots.items() if not s.ready and now - s.started > timeout]
+        first_time = 0
         for slot_id in stalled:
-            self._kill(self.slots.pop(slot_id).actor)
-        self.given_up += len(stalled)
-        return len(stalled)
+            slot = self.slots.pop(slot_id)
+            self._kill(slot.actor)
+            self.missing[slot.worker] = now + self.config.actor_restart_interval
+            first_time += not slot.restart
+        self.given_up += first_time
+        return first_time
+
+    def restart_missing(self) -> None:
+        """Start a new try for each given-up worker whose next try is due. It only asks Ray for an
+        actor (no waiting): its ping is watched with the shards in flight, and it gets shards only
+        once it answers."""
+        now = time.monotonic()
+        for worker, due in list(self.missing.items()):
+            if now >= due:
+                del self.missing[worker]
+                self._start(worker, restart=True)
 
     def running(self) -> int:
         """Actors with their teacher loaded."""
@@ -206,7 +247,8 @@ class _ActorPool:
             pass
 
     def shutdown(self) -> None:
-        """Kill every actor; their unfinished shards are redone by the next run."""
+        """Kill every actor (new tries still pending included); their unfinished shards are redone
+        by the next run."""
         for s in self.slots.values():
             self._kill(s.actor)
 
@@ -367,6 +409,8 @@ class PairgenRun:
                         continue
                     info = ShardInfo.from_dict(result["info"])
                     done[info.name] = info
+                    node = pool.slots[slot].where.get("node_id", "") if slot in pool.slots else ""
+                    self.summary.shards_by_node[node] = self.summary.shards_by_node.get(node, 0) + 1
                     self.summary.shards_generated.append(info.name)
                     self.summary.pairs_generated += result["samples"]
                     self.summary.worker_seconds += result["seconds"]
@@ -392,6 +436,7 @@ class PairgenRun:
             bar.close()
             self.summary.actors_replaced = pool.replaced
             self.summary.actors_given_up = pool.given_up
+            self.summary.actors_restarted = pool.restarted
             pool.shutdown()
             # Killed actors leave their shard's temp files behind; the shards are redone next run.
             for _, task in inflight.values():
@@ -417,14 +462,25 @@ class PairgenRun:
         __init__ failed): start another in its place, within the retry budget."""
         ray = pool.ray
         try:
-            pool.mark_started(ref)
+            slot_id = pool.mark_started(ref)
         except ray.exceptions.RayError as err:
             slot = next(i for i, s in pool.slots.items() if s.ping == ref)
+            if pool.slots[slot].restart:
+                # A new try for a given-up worker whose node went away again: try again later, as
+                # for any worker without resources; the retry budget is for shards and first starts.
+                pool.retry_later(slot)
+                return
             if pool.replaced >= self.config.max_retries * max(1, self.config.workers):
                 raise RunError(f"teacher actors keep dying while starting; last: {_first_line(err)}. "
                                "Finished shards are kept; re-run the same command to continue.") from err
             self.log(f"pairgen: a teacher actor died while starting ({_first_line(err)}); starting another")
             pool.replace(slot)
+            return
+        started = pool.slots[slot_id] if slot_id is not None else None
+        if started is not None and started.restart:
+            where = started.where
+            self.log(f"pairgen: worker {started.worker} restarted on node {where.get('node_ip') or '?'} "
+                     f"(node id {where.get('node_id') or '?'}); {pool.running()} of {self.config.workers} workers")
 
     def _check_capacity(self, pool: _ActorPool, inflight: dict, pending: deque) -> None:
         """Give up on actors that cannot start (the cluster lost the node their resources were on),
@@ -432,7 +488,9 @@ class PairgenRun:
         timeout = self.config.actor_start_timeout
         if pool.give_up_stalled(timeout):
             self.log(f"pairgen: a teacher actor found no free resources within {timeout:g} s (a node was lost?); "
-                     f"continuing with {len(pool.slots)} worker(s)")
+                     f"continuing with {pool.running()} of {self.config.workers} worker(s), trying to start "
+                     f"the others again every {self.config.actor_restart_interval:g} s")
+        pool.restart_missing()
         now = time.monotonic()
         if not pool.slots or (not pool.running() and all(now - s.started > timeout for s in pool.slots.values())):
             raise RunError(f"no teacher actor could start within {timeout:g} s (no free CPU/GPU on the cluster); "

@@ -97,9 +97,19 @@ class ShardGenerator:
         self.schema = Schema(fields={name: FieldSpec(dtype=dtype, shape=tuple(shape))
                                      for name, (dtype, shape) in self.solver.schema().items()})
 
-    def ping(self) -> str:
-        """Returns "ok": a cheap remote call that answers once the actor has loaded its teacher."""
-        return "ok"
+    def ping(self) -> dict:
+        """Where this actor runs ({node_id, node_ip, pid}; the node fields are empty outside Ray): a
+        cheap remote call that answers once the actor has loaded its teacher."""
+        node_id = node_ip = ""
+        try:
+            import ray
+
+            if ray.is_initialized():
+                node_id = ray.get_runtime_context().get_node_id()
+                node_ip = ray.util.get_node_ip_address()
+        except ImportError:  # the class is also used in-process, without Ray
+            pass
+        return {"node_id": node_id, "node_ip": node_ip, "pid": os.getpid()}
 
     def _samples(self, task: ShardTask, indices: list[int], prompts: list[str], arrays: dict) -> list[dict]:
         numpy_arrays = {k: to_numpy(v) for k, v in arrays.items()}
