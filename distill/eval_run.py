@@ -5,10 +5,11 @@ Images are generated in shards of `shard_size` prompts, in this process or as Ra
 (`workers` in flight, fractional CPUs/GPUs each). Prompt i's starting noise is
 d2g.teacher.noise.sample_noise(seed, i) and a student's between-step noise continues the same
 generator (distill.generator.seeded_noise, as `distill generate`); the teacher runs DDIM (eta 0,
-trailing grid). Every image is a PNG under OUT/NAME/images/ with its prompt, id, seed and steps in
-its text chunks; a shard is finished once its marker OUT/NAME/shards/shard-NNNNN.json exists,
-written after its PNGs. Re-running skips finished shards and redoes the others, so a killed
-evaluation resumes to the same images and the same figures. The metrics (distill.eval_metrics)
+trailing grid), or flow Euler with its own sigma shifting for an SD3/FLUX-style teacher. Every
+image is a PNG under OUT/NAME/images/ with its prompt, id, seed and steps in its text chunks; a
+shard is finished once its marker OUT/NAME/shards/shard-NNNNN.json exists, written after its PNGs.
+Re-running skips finished shards and redoes the others, so a killed evaluation resumes to the same
+images and the same figures. The metrics (distill.eval_metrics)
 then read the PNGs back (lossless: the figures are those of the 8-bit images a user would save)
 and go to OUT/NAME/result.json and one row of OUT/results.md.
 """
@@ -110,8 +111,10 @@ def describe_subject(config: EvalConfig) -> dict:
         info = json.loads(open(info_path).read()) if os.path.exists(info_path) else {}
         # What identifies the weights: a re-export of another step into the same folder is another model.
         export = {k: info.get(k) for k in ("run", "step", "weights")}
+        # Flow (SD3/FLUX) students: the T5 token count they were trained with (None: UNet students).
         return {"kind": "student", "source": source, "steps": steps, "guidance": 0.0, "shapes": shapes,
-                "teacher": teacher, "name": name, "export": export}
+                "teacher": teacher, "name": name, "export": export,
+                "max_sequence_length": info.get("max_sequence_length")}
     steps = config.steps or 25
     teacher = config.teacher
     shapes = teacher in ALIASES or os.path.abspath(teacher) in shapes_paths
@@ -152,12 +155,14 @@ def sample_images(subject: dict, pipe, captions: list[str], indices: list[int], 
         from distill.generator import seeded_noise
 
         noise, generators = seeded_noise(seed, indices, shape)
-        latents = student_latents(pipe, captions, noise.to(pipe.device), subject["steps"], generators)
+        latents = student_latents(pipe, captions, noise.to(pipe.device), subject["steps"], generators,
+                                  max_sequence_length=subject.get("max_sequence_length"))
     else:
         from d2g.teacher.noise import batch_noise
         from d2g.teacher.solver import SolverSettings, TeacherSolver
 
-        solver = TeacherSolver(pipe, SolverSettings(scheduler="ddim", steps=subject["steps"],
+        # auto: DDIM for UNet teachers, flow Euler for SD3/FLUX-style ones (their pipelines' own shift).
+        solver = TeacherSolver(pipe, SolverSettings(scheduler="auto", steps=subject["steps"],
                                                     guidance=subject["guidance"], timestep_spacing="trailing"))
         latents = solver.solve(captions, batch_noise(seed, indices, shape))[LATENT]
     images = to_unit_range(decode(pipe.vae, latents.to(pipe.device)))

@@ -2,11 +2,14 @@
 
 Reports, on pairs the student never trained on (a separate store version or dataset): the
 student's mean distance to the teacher's ODE targets (MSE, and LatentLPIPS when weights are given)
-next to the teacher's own one-step DDIM result from the same noise, plus per-image latency of the
+next to the teacher's own one-step result from the same noise (DDIM for UNet teachers, flow Euler,
+x0 = eps - v(eps, 1), for SD3/FLUX-style flow-matching ones), plus per-image latency of the
 student (prompt to latent, text encoding included; and with the VAE decode) against the teacher's
 multi-step sampling with guidance. The student samples in `steps` steps (default: the steps it was
 trained for, from its d2g_student.json); its between-step noise is a pure function of each pair's
-starting noise (distill.export.student_latents), so the report does not depend on batching.
+starting noise (distill.generator.noise_keyed_generators), so the report does not depend on batching.
+Flow students run with the T5 `max_sequence_length` they were trained with (their d2g_student.json,
+else the pairs' fingerprint), and the flow teacher baselines with the pairs' sigma shifting.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ from pathlib import Path
 
 import torch
 
-from d2g.teacher.loading import load_teacher
+from d2g.teacher.loading import load_teacher, t5_dropped
+from d2g.teacher.schedulers import FlowShift
 from d2g.teacher.solver import SolverSettings, TeacherSolver
 from d2g.teacher.vae import decode, to_unit_range
 from distill.export import STUDENT_INFO, check_steps, load_student, recommended_steps, student_latents
+from distill.flow_student import is_flow_pipeline
+from distill.generator import noise_keyed_generators
 from store import LATENT, NOISE, PROMPT, PairDataset, PairLoader, console
 
 
@@ -33,6 +39,33 @@ def _held_out(data_url: str, num: int, batch_size: int):
         seen += take
         if seen >= num:
             return
+
+
+def baseline_settings(teacher, solver: dict, steps: int, guidance: float, max_sequence_length: int | None = None,
+                      unguided: bool = False, latent_hw: tuple[int, int] | None = None) -> SolverSettings:
+    """The teacher baseline's solver: DDIM (eta 0) for a UNet teacher; for a flow-matching one
+    (SD3/FLUX) flow Euler with the sigma shifting recorded in the pairs' fingerprint `solver` (at
+    one step it evaluates sigma 1 whatever the shift: x0 = eps - v(eps, 1)) and the pairs' T5
+    `max_sequence_length`. `unguided`: classifier-free guidance off (SD3, UNet); FLUX's embedded
+    guidance is part of its denoiser, so FLUX only drops true CFG. `latent_hw`: the pairs' latent
+    height and width (None: the teacher's default resolution)."""
+    size = {} if latent_hw is None else {"height": latent_hw[0] * teacher.vae_scale_factor,
+                                         "width": latent_hw[1] * teacher.vae_scale_factor}
+    if not is_flow_pipeline(teacher):
+        return SolverSettings(scheduler="ddim", steps=steps, guidance=1.0 if unguided else guidance,
+                              timestep_spacing="trailing", **size)
+    from d2g.teacher.flow import FLUX, teacher_kind
+
+    pinned = solver.get("pinned_kwargs") or {}
+    flow = FlowShift(shift=pinned.get("shift"), dynamic_shifting=pinned.get("use_dynamic_shifting"),
+                     base_shift=pinned.get("base_shift"), max_shift=pinned.get("max_shift"),
+                     base_seq_len=pinned.get("base_image_seq_len"), max_seq_len=pinned.get("max_image_seq_len"))
+    flux = teacher_kind(teacher) == FLUX
+    return SolverSettings(scheduler="flow_euler", steps=steps,
+                          guidance=guidance if flux or not unguided else 1.0,
+                          true_cfg=1.0 if unguided else float(solver.get("true_cfg") or 1.0),
+                          negative_prompt=solver.get("negative_prompt") or "", flow=flow,
+                          max_sequence_length=max_sequence_length, **size)
 
 
 def latency(fn, repeats: int) -> float:
@@ -56,7 +89,8 @@ def evaluate(model_dir: str, data_url: str, num: int = 64, batch_size: int = 16,
     steps = recommended_steps(model_dir) if steps is None else steps
     check_steps(student, steps)
     info = json.loads((Path(model_dir) / STUDENT_INFO).read_text())
-    teacher = load_teacher(info["teacher"], device="cpu")
+    # A student exported from an SD3 teacher loaded without T5 has none: its teacher runs without it too.
+    teacher = load_teacher(info["teacher"], device="cpu", drop_t5=t5_dropped(student))
     lpips = None
     if lpips_weights:
         from distill.losses import make_regression_loss
@@ -64,17 +98,30 @@ def evaluate(model_dir: str, data_url: str, num: int = 64, batch_size: int = 16,
         lpips = make_regression_loss("latent_lpips", weights=lpips_weights).eval()
     sums = {"student_mse": 0.0, "teacher_1step_mse": 0.0, "teacher_1step_unguided_mse": 0.0,
             "student_latent_lpips": 0.0, "teacher_1step_latent_lpips": 0.0}
-    count, guidance, one_step, unguided = 0, None, None, None
+    count, guidance, one_step, unguided, msl = 0, None, None, None, None
+    flow = is_flow_pipeline(teacher)
+    stock_scheduler = teacher.scheduler
+
+    def solver_for(settings: SolverSettings) -> TeacherSolver:
+        # A TeacherSolver replaces the pipeline's scheduler with its own, whose config lacks the
+        # stock one's _class_name (what tells a flow teacher apart): each starts from the stock one.
+        teacher.scheduler = stock_scheduler
+        return TeacherSolver(teacher, settings)
+
     for batch, fingerprint in _held_out(data_url, num, batch_size):
         if one_step is None:  # the teacher's 1-step baseline uses the guidance the pairs were made with
-            guidance = fingerprint.get("solver", {}).get("guidance", 1.0)
-            one_step = TeacherSolver(teacher, SolverSettings(scheduler="ddim", steps=1, guidance=guidance,
-                                                             timestep_spacing="trailing"))
+            solver = fingerprint.get("solver", {})
+            guidance = solver.get("guidance", 1.0)
+            msl = (info.get("max_sequence_length") or solver.get("max_sequence_length")) if flow else None
+            hw = tuple(batch[NOISE].shape[-2:])  # the pairs' resolution, whatever the teacher's default
+            one_step = solver_for(baseline_settings(teacher, solver, 1, guidance, msl, latent_hw=hw))
             # Guidance extrapolates badly at one step: the unguided one-step teacher is the fairer floor.
-            unguided = TeacherSolver(teacher, SolverSettings(scheduler="ddim", steps=1, guidance=1.0,
-                                                             timestep_spacing="trailing"))
+            unguided = solver_for(baseline_settings(teacher, solver, 1, guidance, msl, unguided=True, latent_hw=hw))
         target = batch[LATENT].float()
-        ours = student_latents(student, batch[PROMPT], batch[NOISE].float(), steps)
+        noise = batch[NOISE].float()
+        # Flow students draw between-step noise from torch's global RNG unless given generators.
+        keyed = noise_keyed_generators(noise) if flow and steps > 1 else None
+        ours = student_latents(student, batch[PROMPT], noise, steps, keyed, max_sequence_length=msl)
         baseline = one_step.solve(batch[PROMPT], batch[NOISE].float())[LATENT].float()
         n = len(target)
         sums["student_mse"] += float(((ours - target) ** 2).mean(dim=(1, 2, 3)).sum())
@@ -91,10 +138,16 @@ def evaluate(model_dir: str, data_url: str, num: int = 64, batch_size: int = 16,
     report.update(num_pairs=count, model=model_dir, data=data_url, guidance=guidance, steps=steps)
     noise1 = batch[NOISE][:1].float()
     prompt1 = batch[PROMPT][:1]
-    teacher_multi = TeacherSolver(teacher, SolverSettings(scheduler="ddim", steps=teacher_steps, guidance=guidance))
-    report["latency_student_s"] = latency(lambda: student_latents(student, prompt1, noise1, steps), latency_repeats)
-    report["latency_student_decoded_s"] = latency(
-        lambda: to_unit_range(decode(student.vae, student_latents(student, prompt1, noise1, steps))), latency_repeats)
+    if msl is not None:
+        report["max_sequence_length"] = msl
+    teacher_multi = solver_for(baseline_settings(teacher, solver, teacher_steps, guidance, msl, latent_hw=hw))
+
+    def run_student():
+        return student_latents(student, prompt1, noise1, steps, max_sequence_length=msl)
+
+    report["latency_student_s"] = latency(run_student, latency_repeats)
+    report["latency_student_decoded_s"] = latency(lambda: to_unit_range(decode(student.vae, run_student())),
+                                                  latency_repeats)
     report[f"latency_teacher_{teacher_steps}step_s"] = latency(
         lambda: teacher_multi.solve(prompt1, noise1), max(1, latency_repeats // 2))
     report["speedup_vs_teacher"] = report[f"latency_teacher_{teacher_steps}step_s"] / report["latency_student_s"]

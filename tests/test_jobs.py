@@ -11,11 +11,17 @@ from pairgen.config import load_config
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
 
+# Flow-matching (SD3, FLUX) teachers by hub id: their solver is flow_euler; FLUX runs in bf16 (it overflows in fp16).
+FLOW_TEACHERS = ("stabilityai/stable-diffusion-3", "black-forest-labs/FLUX.1")
+
+
 @pytest.mark.parametrize("path", sorted(JOBS.glob("pairgen_*.yaml")), ids=lambda p: p.name)
 def test_pairgen_job_configs_validate(path):
     config = load_config(str(path))
     assert config.out.startswith("s3://") and config.num_pairs >= 1_000_000
-    assert config.dtype == "fp16" and config.workers > 1 and config.scheduler == "ddim"
+    flow = config.teacher.startswith(FLOW_TEACHERS)
+    assert config.dtype == ("bf16" if "FLUX" in config.teacher else "fp16") and config.workers > 1
+    assert config.scheduler == ("flow_euler" if flow else "ddim")
 
 
 def test_there_are_job_configs():

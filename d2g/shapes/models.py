@@ -1,4 +1,4 @@
-"""Component configs of the shapes teachers (SD1.5 and SDXL layouts) and builders for each component.
+"""Component configs of the shapes teachers (SD1.5, SDXL and SD3 layouts) and builders for each component.
 
 Sizes follow the CPU trials recorded in issue 8: a (16, 32, 64) VAE giving 4x8x8 latents for
 32x32 images, a ~1M-parameter UNet with cross-attention at both levels, and a small frozen random
@@ -45,7 +45,30 @@ XL_UNET_CONFIG = dict(
     addition_time_embed_dim=XL_TIME_EMBED_DIM,
     projection_class_embeddings_input_dim=TEXT_CONFIG_2["projection_dim"] + 6 * XL_TIME_EMBED_DIM,
 )
-LAYOUTS = ("sd", "sdxl")
+# The SD3-layout teacher ("shapes-sd3"): a flow-matching MMDiT on the same 4x8x8 latents (patch 2:
+# 16 image tokens), the same VAE and tokenizer. StableDiffusion3Pipeline needs two CLIP encoders
+# with projections (the first: the SD1.5-layout teacher's encoder plus a frozen random projection;
+# the second: the SDXL-layout teacher's second encoder). Without T5 it puts `max_sequence_length`
+# zero tokens after the CLIP ones, and the transformer trains on exactly that. A folder saved
+# without T5 loads only with `from_pretrained(..., text_encoder_3=None, tokenizer_3=None)`, so the
+# T5 slot holds a zero encoder instead (every weight 0, so its output is exactly those zeros; 90 kB):
+# a plain `DiffusionPipeline.from_pretrained` loads the teacher, and dropping T5 changes nothing.
+SD3_MAX_SEQUENCE_LENGTH = 256  # the pipeline's default T5 token count, so a default call runs the teacher right
+SD3_PROJECTION_DIM = TEXT_CONFIG_2["projection_dim"]
+SD3_TRANSFORMER_CONFIG = dict(
+    sample_size=UNET_CONFIG["sample_size"], patch_size=2, out_channels=None, num_layers=4, attention_head_dim=16,
+    num_attention_heads=4, caption_projection_dim=64, joint_attention_dim=2 * TEXT_CONFIG["hidden_size"],
+    pooled_projection_dim=2 * SD3_PROJECTION_DIM, pos_embed_max_size=UNET_CONFIG["sample_size"] // 2,
+)
+# Every FlowMatchEulerDiscreteScheduler kwarg pinned. shift 1: SD3's shift 3 is for 1024-px images
+# (4096 tokens); at 16 tokens no shifting is the matching choice, and it is the one trained for.
+FLOW_SCHEDULER_KWARGS = dict(
+    num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5, max_shift=1.15,
+    base_image_seq_len=256, max_image_seq_len=4096, invert_sigmas=False, shift_terminal=None,
+    use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False, time_shift_type="exponential",
+    stochastic_sampling=False,
+)
+LAYOUTS = ("sd", "sdxl", "sd3")
 
 # SD1.5's training noise schedule.
 NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -122,6 +145,88 @@ def build_unet(seed: int = 0, layout: str = "sd"):
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(**(XL_UNET_CONFIG if layout == "sdxl" else UNET_CONFIG))
+
+
+def build_transformer(seed: int = 0, latent_channels: int = VAE_CONFIG["latent_channels"]):
+    """A fresh SD3Transformer2DModel of SD3_TRANSFORMER_CONFIG on `latent_channels`-channel latents
+    (the VAE's), initialised from `seed`."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(in_channels=latent_channels, **SD3_TRANSFORMER_CONFIG)
+
+
+def with_projection(text_encoder, seed: int = 0):
+    """`text_encoder` (a CLIPTextModel) as a CLIPTextModelWithProjection, which SD3's first text
+    encoder must be: the same text model weights plus a frozen random projection (from `seed`) to
+    SD3_PROJECTION_DIM, whose EOS output becomes half of the pooled embedding."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(**{**text_encoder.config.to_dict(), "projection_dim": SD3_PROJECTION_DIM})
+    torch.manual_seed(seed)
+    model = CLIPTextModelWithProjection(config)
+    # CLIPTextModel's weights are its text model's (with or without a text_model. prefix, by
+    # transformers version); strict, so every weight is reused.
+    text_model = getattr(text_encoder, "text_model", text_encoder)
+    model.text_model.load_state_dict({k.removeprefix("text_model."): v for k, v in text_model.state_dict().items()})
+    return model.eval().requires_grad_(False)
+
+
+def build_zero_t5(tokenizer_folder: str | Path, width: int = SD3_TRANSFORMER_CONFIG["joint_attention_dim"]):
+    """(T5 tokenizer saved to `tokenizer_folder`, T5 encoder of `width` whose every weight is 0):
+    its output is exactly zero for any prompt (its final RMS norm scales by 0), which is what
+    StableDiffusion3Pipeline passes when it has no T5 encoder."""
+    from transformers import T5Config, T5EncoderModel
+
+    from d2g.testing import write_t5_tokenizer
+
+    tokenizer = write_t5_tokenizer(tokenizer_folder, world.vocabulary(), max_length=SD3_MAX_SEQUENCE_LENGTH)
+    encoder = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=16, num_layers=1, num_heads=2,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
+        feed_forward_proj="relu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.zero_()
+    return tokenizer, encoder.eval().requires_grad_(False)
+
+
+def build_flow_scheduler():
+    """The SD3-layout teacher's FlowMatchEulerDiscreteScheduler, every kwarg pinned (FLOW_SCHEDULER_KWARGS)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULER_KWARGS)
+
+
+def assemble_sd3_pipeline(vae, text_encoder, text_encoder_2, tokenizer, transformer, text_encoder_3=None,
+                          tokenizer_3=None):
+    """A StableDiffusion3Pipeline of the components (both CLIP encoders with projections, sharing
+    `tokenizer`; `text_encoder_3` the zero T5 of `build_zero_t5`, or None), with the pinned
+    flow-matching scheduler. The VAE gets an explicit shift_factor 0.0 (the pipeline adds it when
+    decoding; the shapes VAE has none)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    vae.register_to_config(shift_factor=0.0)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=build_flow_scheduler(), vae=vae, text_encoder=text_encoder,
+        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer, text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+
+
+@torch.no_grad()
+def encode_prompts_sd3(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CLIP token embeddings [B, TOKEN_LENGTH, 128], pooled [B, 64]) through the SD3 pipeline's own
+    encode_prompt: the joint embedding it passes is these tokens followed by max_sequence_length
+    zeros (no T5, or the zero T5), so only the CLIP part is stored and the zeros are appended at
+    training time.
+    The empty prompt is encoded as text, as the pipeline encodes its negative prompt "" for guidance."""
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
+                                              device=torch.device("cpu"), num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False, max_sequence_length=1)
+    if embeds[:, -1].abs().sum() != 0:
+        raise ValueError("the SD3 pipeline's T5 tokens are not zeros; the shapes teacher is trained on zeros")
+    return embeds[:, :-1], pooled
 
 
 def build_scheduler():

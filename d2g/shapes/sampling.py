@@ -14,7 +14,8 @@ TEACHER_XL_PATH = Path(__file__).parent / "weights" / "teacher-xl"
 
 
 def load_pipeline(path: str | Path = TEACHER_PATH):
-    """The teacher (a StableDiffusionPipeline, or StableDiffusionXLPipeline for teacher-xl), loaded
+    """The teacher (a StableDiffusionPipeline, StableDiffusionXLPipeline for teacher-xl, or
+    StableDiffusion3Pipeline for teacher-sd3), loaded
     offline, frozen and quiet, through the one teacher loader."""
     from d2g.teacher.loading import TeacherError, load_teacher
 
@@ -35,6 +36,14 @@ def prompts(seed: int, count: int, split: str = "train") -> tuple[list[str], lis
     return texts, attrs
 
 
+def _deterministic(pipe) -> dict:
+    # DDIM (the UNet teachers) is the deterministic ODE solver at eta 0; the flow-matching (SD3-layout)
+    # pipeline's Euler solver is deterministic as it is and takes no eta.
+    import inspect
+
+    return {"eta": 0.0} if "eta" in inspect.signature(pipe.__call__).parameters else {}
+
+
 @torch.no_grad()
 def generate(pipe, texts: list[str], steps: int = 25, guidance: float = 3.0, seed: int = 0,
              batch_size: int = 256) -> np.ndarray:
@@ -45,6 +54,6 @@ def generate(pipe, texts: list[str], steps: int = 25, guidance: float = 3.0, see
         chunk = texts[start:start + batch_size]
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
         images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                      eta=0.0, output_type="np").images
+                      output_type="np", **_deterministic(pipe)).images
         out.append(np.clip(np.round(images * 255), 0, 255).astype(np.uint8))
     return np.concatenate(out)

@@ -19,6 +19,19 @@ encoder, so only the latents and unet stages run:
         --stage latents --latent-items 32768 --workdir /tmp/shapes-xl
     python -m d2g.shapes.train --layout sdxl --stage unet --steps 6000 --workdir /tmp/shapes-xl
 
+--layout sd3 trains the SD3-layout, flow-matching teacher instead (OUT/teacher-sd3, alias shapes-sd3,
+a StableDiffusion3Pipeline without T5): an MMDiT (SD3Transformer2DModel, patch 2 on the VAE's latents)
+trained with the rectified-flow loss, x_t = (1 - s) x0 + s eps, target v = eps - x0, s drawn
+logit-normal as SD3 does; sampled by a pinned FlowMatchEulerDiscreteScheduler (shift 1). It reuses
+the VAE and first text encoder of --components-from (plus a frozen random projection, which SD3's
+first encoder needs) and the SDXL layout's second encoder; its T5 is a zero encoder (the zeros the
+pipeline uses without T5, so a plain from_pretrained loads it), --max-sequence-length tokens of it
+(default 256, the pipeline's own default):
+
+    python -m d2g.shapes.train --layout sd3 --components-from d2g/shapes/weights/teacher \
+        --stage latents --latent-items 32768 --workdir /tmp/shapes-sd3
+    python -m d2g.shapes.train --layout sd3 --stage unet --workdir /tmp/shapes-sd3   # 12,000 steps, batch 32
+
 Batches and noise of step s are pure functions of (seed, s), so a resumed run replays exactly
 what an uninterrupted run would have done.
 """
@@ -53,6 +66,13 @@ KL_WEIGHT = 1e-6  # SD's KL weight: latents stay close to deterministic codes
 TRAIN_WORLD_SEED = 0
 EVALUATOR_WORLD_SEED = 7
 STAGES = ("evaluator", "vae", "latents", "unet")
+# The SD3 layout's transformer (the "unet" stage of --layout sd3): a linear warm-up, then the constant
+# rate the UNets use. Its step costs 2.8x the UNet's at batch 64 (CPU time measured side by side: the
+# 256 zero T5 tokens dominate attention), so half the batch and more steps: 12,000 x 32 = 384k samples
+# (the UNet saw 7,500 x 64 = 480k), about 0.22 s a step, 45 minutes, on two free cores.
+SD3_STEPS = 12000
+SD3_BATCH = 32
+SD3_WARMUP = 500
 
 
 def _step_generator(seed: int, stage: str, step: int) -> torch.Generator:
@@ -234,19 +254,39 @@ def encode_latents(args) -> dict:
     # keeps the factor its teacher was trained with.
     scaling_factor = vae.config.scaling_factor if args.components_from else float(1.0 / sampled.std())
 
-    tokenizer = models.build_tokenizer(args.workdir / "tokenizer")
+    if args.components_from and (_component(args, "tokenizer") / "tokenizer_config.json").exists():
+        from transformers import CLIPTokenizer
+
+        # The reused text encoder's own tokenizer (the same vocabulary, without re-deriving it).
+        tokenizer = CLIPTokenizer.from_pretrained(_component(args, "tokenizer"))
+        tokenizer.save_pretrained(args.workdir / "tokenizer")
+    else:
+        tokenizer = models.build_tokenizer(args.workdir / "tokenizer")
     if args.components_from:
         from transformers import CLIPTextModel
 
         text_encoder = CLIPTextModel.from_pretrained(_component(args, "text_encoder")).eval()
     else:
         text_encoder = models.build_text_encoder(tokenizer, args.seed)
+    if args.layout == "sd3":  # SD3's first encoder has a projection: the same weights plus a random one
+        text_encoder = models.with_projection(text_encoder, args.seed + 2)
     text_encoder.save_pretrained(args.workdir / "text_encoder", safe_serialization=True)
     texts = [""] + list(captions)  # row 0: the empty prompt, used for classifier-free guidance
     encoded = {"mean": mean, "std": std, "caption_ids": torch.tensor(caption_ids) + 1,
-               "scaling_factor": scaling_factor, "captions": texts}
+               "scaling_factor": scaling_factor, "captions": texts, "layout": args.layout}
     chunks = [texts[i:i + 256] for i in range(0, len(texts), 256)]
-    if args.layout == "sdxl":
+    if args.layout == "sd3":
+        text_encoder_2 = models.build_text_encoder_2(tokenizer, args.seed + 1)
+        text_encoder_2.save_pretrained(args.workdir / "text_encoder_2", safe_serialization=True)
+        transformer = models.build_transformer(args.seed, vae.config.latent_channels)
+        tokenizer_3, text_encoder_3 = models.build_zero_t5(args.workdir / "tokenizer_3")
+        text_encoder_3.save_pretrained(args.workdir / "text_encoder_3", safe_serialization=True)
+        pipe = models.assemble_sd3_pipeline(vae, text_encoder, text_encoder_2, tokenizer, transformer,
+                                            text_encoder_3, tokenizer_3)
+        pairs = [models.encode_prompts_sd3(pipe, chunk) for chunk in chunks]
+        encoded["embeddings"] = torch.cat([e for e, _ in pairs])
+        encoded["pooled"] = torch.cat([p for _, p in pairs])
+    elif args.layout == "sdxl":
         text_encoder_2 = models.build_text_encoder_2(tokenizer, args.seed + 1)
         text_encoder_2.save_pretrained(args.workdir / "text_encoder_2", safe_serialization=True)
         pipe = models.assemble_pipeline(vae, text_encoder, tokenizer, models.build_unet(args.seed, "sdxl"),
@@ -269,12 +309,16 @@ def train_unet(args) -> dict:
     """Stage unet: train the epsilon-prediction UNet on the stored latents (captions dropped for
     guidance), keep EMA weights and export them as the teacher pipeline; returns the stage summary."""
     data = torch.load(args.workdir / "latents.pt", weights_only=True)
+    # latents.pt files written before the SD3 layout have no "layout" entry: sdxl ones hold pooled embeddings.
+    encoded_for = data.get("layout", "sdxl" if "pooled" in data else "sd")
+    if encoded_for != args.layout:
+        raise SystemExit(f"{args.workdir / 'latents.pt'} was encoded for --layout {encoded_for}; "
+                         f"re-run the latents stage with --layout {args.layout}")
+    if args.layout == "sd3":
+        return train_transformer(args, data)
     mean, std, embeddings = data["mean"], data["std"], data["embeddings"]
     caption_ids, scale = data["caption_ids"], data["scaling_factor"]
     pooled = data.get("pooled")
-    if (pooled is not None) != (args.layout == "sdxl"):
-        raise SystemExit(f"{args.workdir / 'latents.pt'} was encoded for the other layout; "
-                         f"re-run the latents stage with --layout {args.layout}")
     n = len(mean)
     unet = models.build_unet(args.seed, args.layout)
     ema = copy.deepcopy(unet).requires_grad_(False)
@@ -334,25 +378,117 @@ def train_unet(args) -> dict:
     return summary
 
 
+def logit_normal_sigmas(n: int, generator: torch.Generator) -> torch.Tensor:
+    """SD3's training noise levels: sigma = sigmoid(u), u ~ N(0, 1) (logit-normal, mean 0, scale 1),
+    which weights the middle of the path, where the velocity is hardest to predict."""
+    return torch.sigmoid(torch.randn(n, generator=generator))
+
+
+def rectified_flow_loss(transformer, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
+                        context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """The rectified-flow (flow-matching) loss: MSE between the transformer's velocity at
+    x_t = (1 - sigma) x0 + sigma noise and the path's velocity noise - x0. The transformer is
+    called as StableDiffusion3Pipeline calls it: timestep = sigma * 1000."""
+    s = sigma.view(-1, 1, 1, 1)
+    x_t = (1 - s) * x0 + s * noise
+    velocity = transformer(hidden_states=x_t, timestep=sigma * 1000, encoder_hidden_states=context,
+                           pooled_projections=pooled, return_dict=False)[0]
+    return F.mse_loss(velocity, noise - x0)
+
+
+def train_transformer(args, data: dict) -> dict:
+    """Stage unet of --layout sd3: train the SD3 transformer with `rectified_flow_loss` on the
+    stored latents (captions dropped for guidance; the CLIP tokens followed by max_sequence_length
+    zero tokens, as the pipeline without T5 passes them), keep EMA weights and export them as the
+    StableDiffusion3Pipeline; returns the stage summary."""
+    mean, std, embeddings, pooled = data["mean"], data["std"], data["embeddings"], data["pooled"]
+    caption_ids, scale = data["caption_ids"], data["scaling_factor"]
+    n, msl = len(mean), args.max_sequence_length
+    transformer = models.build_transformer(args.seed, mean.shape[1])
+    ema = copy.deepcopy(transformer).requires_grad_(False)
+    opt = torch.optim.AdamW(transformer.parameters(), lr=LR["unet"], weight_decay=1e-2)
+    ckpt_path = args.workdir / "transformer.ckpt"
+    start = 0
+    if (state := _load_checkpoint(ckpt_path, args.resume)) is not None:
+        if int(state["max_sequence_length"]) != msl:
+            raise SystemExit(f"{ckpt_path} was trained with --max-sequence-length {int(state['max_sequence_length'])}, "
+                             f"not {msl}; give that value or another --workdir")
+        transformer.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    steps, bs = args.steps or SD3_STEPS, args.batch_size or SD3_BATCH
+    if args.export_only:
+        if state is None:
+            raise SystemExit(f"--export-only needs a checkpoint at {ckpt_path} (and --resume)")
+        steps = start
+    zeros = torch.zeros(bs, msl, embeddings.shape[-1])  # the pipeline's stand-in for T5 tokens
+    transformer.train()
+
+    def step_fn(step: int) -> float:
+        _set_lr(opt, LR["unet"] * min(1.0, (step + 1) / SD3_WARMUP))
+        gen = _step_generator(args.seed, "unet", step)
+        idx = torch.randint(0, n, (bs,), generator=gen)
+        latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
+        cond = caption_ids[idx].clone()
+        cond[torch.rand(bs, generator=gen) < CFG_DROPOUT] = 0
+        sigma = logit_normal_sigmas(bs, gen)
+        noise = torch.randn(latents.shape, generator=gen)
+        loss = rectified_flow_loss(transformer, latents, noise, sigma, torch.cat([embeddings[cond], zeros], dim=1),
+                                   pooled[cond])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        opt.step()
+        decay = min(EMA_DECAY, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), transformer.parameters(), strict=True):
+                p_ema.lerp_(p, 1 - decay)
+        return loss.item()
+
+    def save_fn(step: int) -> None:
+        _atomic_save({"model": transformer.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                      "step": step, "max_sequence_length": msl}, ckpt_path)
+
+    summary = _loop("unet", steps, start, step_fn, save_fn, args.checkpoint_every, args.stop_after)
+    summary.update(layout="sd3", max_sequence_length=msl)
+    if summary["stopped_early"]:
+        return summary
+    export_teacher(args, ema, scale)
+    return summary
+
+
 def _component(args, name: str) -> Path:
     """Where a shared component is read by the latents stage: the --components-from teacher, else this workdir."""
     return (args.components_from or args.workdir) / name
 
 
+TEACHER_FOLDERS = {"sd": "teacher", "sdxl": "teacher-xl", "sd3": "teacher-sd3"}
+
+
 def export_teacher(args, unet, scaling_factor: float) -> Path:
-    """Assemble the pipeline and save it (safetensors) to OUT/teacher (OUT/teacher-xl for sdxl)."""
+    """Assemble the pipeline and save it (safetensors) to OUT/teacher (OUT/teacher-xl for sdxl,
+    OUT/teacher-sd3 for sd3, where `unet` is the transformer)."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     vae = AutoencoderKL.from_pretrained(args.workdir / "vae")
     vae.register_to_config(scaling_factor=scaling_factor)
     tokenizer = CLIPTokenizer.from_pretrained(args.workdir / "tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(args.workdir / "text_encoder")
     text_encoder_2 = None
-    if args.layout == "sdxl":
+    if args.layout in ("sdxl", "sd3"):
         text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(args.workdir / "text_encoder_2")
-    pipe = models.assemble_pipeline(vae, text_encoder, tokenizer, unet.eval(), text_encoder_2)
-    out = args.out / ("teacher-xl" if args.layout == "sdxl" else "teacher")
+    if args.layout == "sd3":
+        from transformers import T5EncoderModel, T5TokenizerFast
+
+        text_encoder = CLIPTextModelWithProjection.from_pretrained(args.workdir / "text_encoder")
+        pipe = models.assemble_sd3_pipeline(vae, text_encoder, text_encoder_2, tokenizer, unet.eval(),
+                                            T5EncoderModel.from_pretrained(args.workdir / "text_encoder_3"),
+                                            T5TokenizerFast.from_pretrained(args.workdir / "tokenizer_3"))
+    else:
+        text_encoder = CLIPTextModel.from_pretrained(args.workdir / "text_encoder")
+        pipe = models.assemble_pipeline(vae, text_encoder, tokenizer, unet.eval(), text_encoder_2)
+    out = args.out / TEACHER_FOLDERS[args.layout]
     pipe.save_pretrained(out, safe_serialization=True)
     print(f"[unet] teacher pipeline written to {out}", flush=True)
     return out
@@ -368,13 +504,19 @@ def parse_args(argv=None):
                    help="where teacher/ and evaluator/ are written (default: WORKDIR/weights; give the packaged "
                    "d2g/shapes/weights explicitly to replace the shipped teacher)")
     p.add_argument("--layout", choices=models.LAYOUTS, default="sd",
-                   help="sd: the SD1.5-layout teacher (OUT/teacher); sdxl: the SDXL-layout one (OUT/teacher-xl)")
+                   help="sd: the SD1.5-layout teacher (OUT/teacher); sdxl: the SDXL-layout one (OUT/teacher-xl); "
+                        "sd3: the SD3-layout flow-matching one (OUT/teacher-sd3)")
+    p.add_argument("--max-sequence-length", type=int, default=models.SD3_MAX_SEQUENCE_LENGTH,
+                   help="--layout sd3, unet stage: the zero T5 tokens the pipeline appends without a T5 encoder, "
+                        f"trained for (default {models.SD3_MAX_SEQUENCE_LENGTH}, the pipeline's default "
+                        "max_sequence_length; sample with the same value)")
     p.add_argument("--components-from", type=Path, default=None,
                    help="a trained shapes teacher folder whose VAE and first text encoder are reused "
                         "(the vae stage is then not needed)")
     p.add_argument("--resume", action="store_true", help="continue from WORKDIR/<stage>.ckpt if it exists")
     p.add_argument("--steps", type=int, default=None,
-                   help=f"total steps of the stage (defaults {DEFAULT_STEPS}); with --resume, "
+                   help=f"total steps of the stage (defaults {DEFAULT_STEPS}; --layout sd3's unet {SD3_STEPS}); "
+                        "with --resume, "
                         "a larger value continues a finished run")
     p.add_argument("--export-only", action="store_true",
                    help="unet stage: write the pipeline from the checkpoint's EMA weights without training "
@@ -382,6 +524,8 @@ def parse_args(argv=None):
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop at this step with a checkpoint and no export (an interruption on purpose); "
                         "continue later with --resume")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"--layout sd3, unet stage: samples per step (default {SD3_BATCH})")
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--latent-items", type=int, default=LATENT_ITEMS,
                    help=f"latents stage: training images encoded once (default {LATENT_ITEMS}); the unet "
@@ -395,8 +539,12 @@ def parse_args(argv=None):
         p.error("--steps applies to one stage; run the stages one by one to change them")
     if args.components_from and not (args.components_from / "vae" / "config.json").exists():
         p.error(f"--components-from {args.components_from}: no vae/config.json there (expected a shapes teacher folder)")
-    if args.layout == "sdxl" and args.stage == "all":
-        p.error("--layout sdxl: run --stage latents then --stage unet (with --components-from for the VAE)")
+    if args.layout in ("sdxl", "sd3") and args.stage == "all":
+        p.error(f"--layout {args.layout}: run --stage latents then --stage unet (with --components-from for the VAE)")
+    if args.batch_size is not None and (args.batch_size < 1 or args.layout != "sd3"):
+        p.error(f"--batch-size {args.batch_size}: applies to --layout sd3's unet stage, at least 1")
+    if args.max_sequence_length < 1:
+        p.error(f"--max-sequence-length {args.max_sequence_length}: give at least 1")
     return args
 
 

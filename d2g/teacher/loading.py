@@ -12,6 +12,7 @@ import torch
 ALIASES = {
     "shapes": Path(__file__).parents[1] / "shapes" / "weights" / "teacher",  # SD1.5 layout
     "shapes-xl": Path(__file__).parents[1] / "shapes" / "weights" / "teacher-xl",  # SDXL layout
+    "shapes-sd3": Path(__file__).parents[1] / "shapes" / "weights" / "teacher-sd3",  # SD3 layout, no T5
 }
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -129,21 +130,56 @@ def _dtype_kwarg() -> str:
     return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
 
 
-def load_teacher(name_or_path: str, dtype: str = "fp32", device: str | None = None, revision: str | None = None):
+def drop_t5_kwargs(name_or_path: str, revision: str | None = None) -> dict:
+    """The from_pretrained kwargs that load an SD3-style teacher without its T5 encoder
+    (`text_encoder_3=None, tokenizer_3=None`, as diffusers documents for StableDiffusion3Pipeline,
+    which then puts zeros where the T5 tokens go). TeacherError for any other teacher: FLUX's token
+    embeddings are T5's alone, and UNet teachers have no T5."""
+    index = read_model_index(name_or_path, revision)
+    if index.get("_class_name") != "StableDiffusion3Pipeline":
+        raise TeacherError(f"option drop_t5: only StableDiffusion3Pipeline teachers can drop their T5 encoder; "
+                           f"teacher {name_or_path!r} is a {index.get('_class_name')}")
+    return {"text_encoder_3": None, "tokenizer_3": None}
+
+
+def _saved_without_t5(source: str, revision: str | None) -> dict:
+    """`drop_t5_kwargs` for a local SD3 folder saved without its T5 (e.g. an export of a student of
+    a drop_t5 teacher): its model_index lists text_encoder_3 as null, and from_pretrained refuses it
+    unless told text_encoder_3=None."""
+    if not os.path.isdir(source):
+        return {}
+    index = read_model_index(source, revision)
+    if index.get("_class_name") == "StableDiffusion3Pipeline" and not (index.get("text_encoder_3") or [None])[0]:
+        return {"text_encoder_3": None, "tokenizer_3": None}
+    return {}
+
+
+def t5_dropped(pipe) -> bool:
+    """Whether `pipe` is an SD3-style pipeline loaded without its T5 encoder (`drop_t5`)."""
+    return type(pipe).__name__ == "StableDiffusion3Pipeline" and getattr(pipe, "text_encoder_3", None) is None
+
+
+def load_teacher(name_or_path: str, dtype: str = "fp32", device: str | None = None, revision: str | None = None,
+                 drop_t5: bool = False):
     """Load a teacher pipeline with `DiffusionPipeline.from_pretrained`, frozen (see `freeze`).
 
     Args:
-        name_or_path: a built-in alias (`shapes`, `shapes-xl`), a local diffusers folder, or a hub id
-            (SD1.5/SDXL-style UNet pipelines; SD3/FLUX-style transformer pipelines).
+        name_or_path: a built-in alias (`shapes`, `shapes-xl`, `shapes-sd3`), a local diffusers
+            folder, or a hub id (SD1.5/SDXL-style UNet pipelines; SD3/FLUX-style transformer pipelines).
         dtype: fp32, fp16 or bf16 (or the torch spelling).
         device: a torch device, or None / "auto" for the best available.
         revision: the hub revision, for hub ids.
+        drop_t5: SD3-style teachers only: load without the T5 encoder (`drop_t5_kwargs`); its
+            weights (4.7B parameters in SD3-medium) are never read, and prompt embeddings carry zeros
+            where the T5 tokens go. It changes the teacher's outputs, so record it with the pairs.
     """
     from diffusers import DiffusionPipeline
 
     source = resolve_teacher(name_or_path)
+    components = drop_t5_kwargs(name_or_path, revision) if drop_t5 else _saved_without_t5(source, revision)
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, revision=revision, **{_dtype_kwarg(): parse_dtype(dtype)})
+        pipe = DiffusionPipeline.from_pretrained(source, revision=revision, **components,
+                                                 **{_dtype_kwarg(): parse_dtype(dtype)})
     except (OSError, ValueError) as err:
         raise TeacherError(f"cannot load teacher {name_or_path!r}: {err}") from err
     if not hasattr(pipe, "unet") and not hasattr(pipe, "transformer"):
