@@ -216,7 +216,7 @@ def export_student(run_url: str, out_dir: str, step: int | None = None, use_ema:
     weights, _, state = checkpoints.load(step, ["generator", "ema"])
     config = TrainConfig(**state["config"])
     source = "ema" if use_ema and "ema" in weights else "generator"
-    pipe = load_teacher(config.teacher, device="cpu")
+    pipe = load_teacher(config.teacher, device="cpu", drop_t5=config.teacher_drop_t5)
     lora = config.memory().generator_lora
     student_steps = config.objective_config.student_steps
     flow = getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None

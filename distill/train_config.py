@@ -67,6 +67,8 @@ class TrainConfig(BaseModel):
 
     data: str = Field("demo-out/pairs", description="pair store URL[@vN]; without @vN a newer version is picked up at epoch boundaries")
     teacher: str = Field("shapes", description="the teacher the pairs came from: hub id, local folder, or built-in alias")
+    teacher_drop_t5: bool = Field(False, description="SD3 teachers: load the teacher without its T5 encoder, as "
+                                  "pairgen --drop-t5 made the pairs (the export then has no T5 either)")
     out: str = Field("runs/student", description="run folder URL (local or s3://): checkpoints, metrics, previews")
     objective: ObjectiveName = Field("d2g", description="training objective")
     # SerializeAsAny: dump the objective's own fields, not only the base class's.

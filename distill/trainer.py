@@ -136,7 +136,7 @@ class Trainer:
             torch.set_num_threads(config.threads)
         self._seed_everything(config.seed * 1000 + rank)
         self.device = pick_device(config.device)
-        pipe = load_teacher(config.teacher, device=str(self.device))
+        pipe = load_teacher(config.teacher, device=str(self.device), drop_t5=config.teacher_drop_t5)
         self.pipe = pipe
         self.objective = make_objective(config.objective, pipe, config.objective_config, data=config.data,
                                         memory=config.memory())

@@ -25,6 +25,9 @@ class GenerationConfig(BaseModel):
 
     teacher: str = Field("shapes", description="diffusers pipeline: hub id, local folder, or built-in alias (fingerprint)")
     revision: str | None = Field(None, description="hub revision of the teacher (fingerprint)")
+    drop_t5: bool = Field(False, description="SD3 teachers: load without the T5 encoder (text_encoder_3=None, as "
+                          "StableDiffusion3Pipeline allows; saves its memory); its tokens become zeros, which changes "
+                          "the pairs (fingerprint)")
     prompts: str = Field("shapes://train", description="prompt source URL: .txt, .jsonl, .csv, .parquet on any fsspec filesystem, or shapes://train (fingerprint: content hash)")
     prompt_column: str = Field("prompt", description="column / JSON key holding the prompt in jsonl, csv, parquet sources")
     out: str = Field("pairs", description="dataset root URL (local path, s3://...)")

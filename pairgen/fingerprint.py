@@ -68,7 +68,7 @@ def solver_fingerprint(config: GenerationConfig) -> tuple[dict, dict]:
         UnsupportedTeacher,
         kind_of_index,
     )
-    from d2g.teacher.loading import TeacherError, read_model_index, read_scheduler_config
+    from d2g.teacher.loading import TeacherError, drop_t5_kwargs, read_model_index, read_scheduler_config
     from d2g.teacher.schedulers import flow_solver_kwargs, resolve_scheduler_name
     from d2g.teacher.solver import check_settings
 
@@ -77,6 +77,8 @@ def solver_fingerprint(config: GenerationConfig) -> tuple[dict, dict]:
         kind = kind_of_index(index)
     except UnsupportedTeacher as err:
         raise TeacherError(f"teacher {config.teacher!r}: {err}") from None
+    if config.drop_t5:
+        drop_t5_kwargs(config.teacher, config.revision)  # only SD3 teachers have a T5 to drop: refused before Ray starts
     # A UNet teacher's scheduler kwargs are pinned by name alone; only its class is needed here.
     scheduler_entry = index.get("scheduler") or [None, None]
     teacher_scheduler = (read_scheduler_config(config.teacher, config.revision) if kind != UNET
@@ -118,7 +120,9 @@ def build_fingerprint(config: GenerationConfig, prompts: PromptSource) -> dict:
     solver, layout = solver_fingerprint(config)
     return {
         "fingerprint_version": FINGERPRINT_VERSION,
-        "teacher": {"name": teacher_identity(config.teacher), "revision": config.revision, "dtype": config.dtype},
+        # drop_t5 only when set, so fingerprints of runs that never had the option stay as they were.
+        "teacher": {"name": teacher_identity(config.teacher), "revision": config.revision, "dtype": config.dtype,
+                    **({"drop_t5": True} if config.drop_t5 else {})},
         "solver": solver,
         "resolution": {"height": config.height, "width": config.width},
         "noise": {"seed": config.seed, "rule": NOISE_RULE},

@@ -91,7 +91,7 @@ class ShardGenerator:
         if threads:
             torch.set_num_threads(threads)
         self.pipe = load_teacher(self.config.teacher, dtype=self.config.dtype, device=self.config.device,
-                                 revision=self.config.revision)
+                                 revision=self.config.revision, drop_t5=self.config.drop_t5)
         self.solver = TeacherSolver(self.pipe, solver_settings(self.config))
         self.store = PairStore(self.config.out)
         self.schema = Schema(fields={name: FieldSpec(dtype=dtype, shape=tuple(shape))

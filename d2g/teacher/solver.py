@@ -126,7 +126,9 @@ class TeacherSolver:
     def __init__(self, pipe, settings: SolverSettings):
         self.pipe = pipe
         self.kind = teacher_kind(pipe)
-        teacher_config = dict(pipe.scheduler.config)
+        # A scheduler built in code (the one a solver installs) has no _class_name in its config, and
+        # the class is what tells a flow teacher apart: a second solver on the same pipe needs it.
+        teacher_config = {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
         self.scheduler_name = resolve_scheduler_name(settings.scheduler, teacher_config)
         self.settings = settings = replace(settings, scheduler=self.scheduler_name)
         check_settings(self.kind, settings)

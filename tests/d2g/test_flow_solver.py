@@ -192,3 +192,13 @@ def test_unsupported_transformer_pipelines_are_named():
     assert kind_of_index({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}) == "unet"
     with pytest.raises(UnsupportedTeacher, match="FluxFillPipeline is not supported"):
         kind_of_index({"_class_name": "FluxFillPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]})
+
+
+def test_a_second_solver_on_the_same_flow_pipeline(sd3_teacher):
+    # The first solver installs its own scheduler on the pipe; the second must still see a flow teacher.
+    pipe = load_teacher(str(sd3_teacher))
+    settings = SolverSettings(steps=2, **SIZE)
+    noise = batch_noise(0, [0], (16, 16, 16))
+    first = TeacherSolver(pipe, settings).solve(["a red circle"], noise)["latent"]
+    second = TeacherSolver(pipe, settings).solve(["a red circle"], noise)["latent"]
+    assert torch.equal(first, second)
