@@ -141,7 +141,7 @@ def test_interrupted_pairgen_leaves_no_temp_files(tmp_path, sd15_teacher):
     (tmp_path / "p.txt").write_text("a red circle\n")
     out = tmp_path / "pairs"
     proc = subprocess.Popen([str(BIN / "pairgen"), "run", "--teacher", str(sd15_teacher), "--prompts", "p.txt",
-                             "--out", str(out), "--num-pairs", "64", "--shard-size", "16", "--steps", "20",
+                             "--out", str(out), "--num-pairs", "256", "--shard-size", "16", "--steps", "20",
                              "--batch-size", "2", "--no-progress"], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not any(p.name.startswith(".") for p in (out / "shards").glob(".*")) if (out / "shards").exists() else True:
