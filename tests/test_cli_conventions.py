@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.signals import sigint_as_a_terminal_gives_it
+
 BIN = Path(sys.executable).parent
 
 
@@ -142,7 +144,8 @@ def test_interrupted_pairgen_leaves_no_temp_files(tmp_path, sd15_teacher):
     out = tmp_path / "pairs"
     proc = subprocess.Popen([str(BIN / "pairgen"), "run", "--teacher", str(sd15_teacher), "--prompts", "p.txt",
                              "--out", str(out), "--num-pairs", "256", "--shard-size", "16", "--steps", "20",
-                             "--batch-size", "2", "--no-progress"], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+                             "--batch-size", "2", "--no-progress"], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_as_a_terminal_gives_it)
     deadline = time.monotonic() + 300
     while not any(p.name.startswith(".") for p in (out / "shards").glob(".*")) if (out / "shards").exists() else True:
         assert proc.poll() is None and time.monotonic() < deadline, "no shard was ever being written"

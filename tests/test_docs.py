@@ -169,6 +169,9 @@ JOBS_SOURCES = ("jobs/README.md",)
 README_BLOCKS = [b for b in RUNNABLE if b.source == "README.md" or b.source.endswith("--help")]
 JOBS_BLOCKS = [b for b in RUNNABLE if b.source in JOBS_SOURCES]
 OTHER_BLOCKS = [b for b in RUNNABLE if b not in README_BLOCKS and b not in JOBS_BLOCKS]
+# Documents that submit Ray jobs get the job server (a second Ray): jobs/README.md, and any other
+# document with a `ray job` command (the README's cluster section).
+JOB_SERVER_SOURCES = set(JOBS_SOURCES) | {b.source for b in RUNNABLE if "ray job" in b.text}
 
 
 def _shipped_weights() -> dict[str, bytes]:
@@ -203,7 +206,7 @@ def doc_envs(request, tmp_path_factory, ray_local, sd15_teacher, sdxl_teacher):
         source = "README.md" if source.endswith("--help") else source
         if source not in envs:
             # The job server (a second Ray) only for the document that submits jobs.
-            job_address = request.getfixturevalue("ray_job_address") if source in JOBS_SOURCES else ""
+            job_address = request.getfixturevalue("ray_job_address") if source in JOB_SERVER_SOURCES else ""
             cwd, env, values = _doc_env(tmp_path_factory, sd15_teacher, sdxl_teacher, address, job_address)
             if source in JOBS_SOURCES:
                 env.update(RAY_ADDRESS=job_address, RAY_AUTH_MODE="token")

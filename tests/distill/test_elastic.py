@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import torch
 from distill.checkpoint import CheckpointStore
 from distill.train_config import load_train_config
 from distill.trainer import HOLD_AT_STEP_ENV, Trainer, TrainingStopped
+from tests.helpers.gloo_ranks import run_on_ranks
 from tests.helpers.ray_cluster import simulated_cluster
 from tests.helpers.store_data import make_dataset
 
@@ -65,14 +65,7 @@ def _run(config, world: int, tmp: Path) -> None:
     if world == 1:
         Trainer(config).run(progress=False)
         return
-    pg = tmp / f"pg-{len(list(tmp.glob('pg-*')))}"
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_rank, args=(r, world, config.model_dump(mode="json"), str(pg))) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    assert [p.exitcode for p in procs] == [0] * world
+    run_on_ranks(_rank, config.model_dump(mode="json"), world, tmp)
 
 
 def _metrics(run: Path) -> dict[int, dict]:

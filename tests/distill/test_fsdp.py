@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
 import shutil
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from distill.checkpoint import CheckpointStore
 from distill.train_config import TrainConfigError, load_train_config
 from tests.distill.test_elastic import _config, _metrics
+from tests.helpers.gloo_ranks import run_on_ranks
 from tests.helpers.store_data import make_dataset
 
 STEPS, HALF = 4, 2  # fewer than test_elastic's 6: every step of the fixture's four runs costs time
@@ -59,14 +59,7 @@ def _run(config, world: int, tmp: Path) -> None:
 
         Trainer(config).run(progress=False)
         return
-    pg = tmp / f"pg-{len(list(tmp.glob('pg-*')))}"
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_rank, args=(r, world, config.model_dump(mode="json"), str(pg))) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    assert [p.exitcode for p in procs] == [0] * world
+    run_on_ranks(_rank, config.model_dump(mode="json"), world, tmp)
 
 
 def _checkpoint(run: Path, step: int) -> tuple[dict, dict]:

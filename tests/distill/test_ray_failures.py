@@ -24,6 +24,7 @@ import pytest
 
 from distill.shared_storage import MARKER
 from distill.trainer import KILL_AT_STEP_ENV
+from tests.helpers.signals import sigint_as_a_terminal_gives_it
 from tests.helpers.store_data import make_dataset
 
 BIN = Path(sys.executable).parent
@@ -46,7 +47,8 @@ def _args(pairs: Path, teacher: Path, out: Path, *extra: str) -> list[str]:
 def _start(args: list[str], ray_local, **env: str) -> subprocess.Popen:
     address = ray_local.get_runtime_context().gcs_address
     return subprocess.Popen([str(BIN / args[0]), *args[1:]], env={**os.environ, "RAY_ADDRESS": address, **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_as_a_terminal_gives_it)
 
 
 def _complete_steps(out: Path) -> list[int]:
