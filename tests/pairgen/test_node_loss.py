@@ -74,8 +74,9 @@ def test_pairgen_finishes_on_the_remaining_node(ray_local, sd15_teacher, prompts
     # (both actors' teacher loads took longer, and the run went on with one worker before the loss).
     _, stderr, _ = _run_losing_a_node(sd15_teacher, prompts, out, start_timeout=60, add_back=False)
     # The lost actor's shard went back to the queue and was done by the surviving actor; before, it was
-    # sent to the replacement actor, which could never start, and the run waited forever.
-    assert "actor died" in stderr and "retrying" in stderr, stderr[-3000:]
+    # sent to the replacement actor, which could never start, and the run waited forever. On a busy
+    # machine the lost actor may still have been starting (no shard on it yet): said as such.
+    assert "actor died" in stderr and ("retrying" in stderr or "died while starting" in stderr), stderr[-3000:]
     assert _shard_hashes(str(out)) == _shard_hashes(reference)
     assert PairStore(str(out)).manifest().num_pairs == 64
 
