@@ -109,9 +109,10 @@ def test_interrupted_run_resumed_on_two_workers_equals_clean_run(clean, flux_tea
         with pytest.raises(KeyboardInterrupt):
             PairgenRun(config, progress=False).run()
     done_before = set(PairStore(out).complete_shards())
-    assert len(done_before) == 1 and PairStore(out).manifest().num_pairs == 4, "the finished shard was committed"
+    # One or, when two results arrive in one wait, both finished shards are committed before the stop.
+    assert done_before and PairStore(out).manifest().num_pairs == 4 * len(done_before), "finished shards committed"
     resumed = PairgenRun(config.model_copy(update={"workers": 2, "num_pairs": 12}), progress=False).run()
-    assert resumed.shards_reused == 1 and not set(resumed.shards_generated) & done_before
+    assert resumed.shards_reused == len(done_before) and not set(resumed.shards_generated) & done_before
     assert _shard_hashes(out) == clean["flux_teacher"][1]
 
 
