@@ -14,9 +14,9 @@ A student of a flow-matching transformer teacher (SD3- or FLUX-style; distill.fl
 exported into the stock StableDiffusion3Pipeline / FluxPipeline with a pinned
 FlowMatchEulerDiscreteScheduler (shift 1, stochastic sampling: distill.flow_student.flow_student_scheduler):
 one step evaluates sigma 1 and lands on x - v. FLUX students export for 1 to 4 steps (FluxPipeline
-passes the sigmas linspace(1, 1/N, N) the student was trained on; the between-step noise comes from
-torch's global RNG); SD3 students for 1 step only (StableDiffusion3Pipeline's own sigma grid is not
-the student's). STUDENT_INFO records the T5 `max_sequence_length` of the pairs, which the call should
+passes the sigmas linspace(1, 1/N, N) the student was trained on) and SD3 students too (the
+scheduler's `shift_terminal=1/N` stretches StableDiffusion3Pipeline's own grid onto the student's);
+the between-step noise comes from torch's global RNG. STUDENT_INFO records the T5 `max_sequence_length` of the pairs, which the call should
 pass, and FLUX's guidance-embedding value as `guidance_scale`.
 
 A LoRA student (distill train --generator-lora-rank) is exported both ways: the folder holds the
@@ -45,7 +45,9 @@ from store import NOISE, PROMPT
 
 STUDENT_INFO = "d2g_student.json"
 UNET_STEPS_NOTE = "the steps it was trained for; fewer run a\n  subset of its timesteps, more are refused by its scheduler"
-FLOW_STEPS_NOTE = "the steps it was trained for; run these: the stock scheduler refuses\n  no other number, but another number evaluates sigmas the student was not trained at"
+FLOW_STEPS_NOTE = ("the steps it was trained for; run these: the stock scheduler refuses\n  no other number, but "
+                   "another number evaluates sigmas the student was not trained at (and one step\n  of a "
+                   "multi-step SD3 student gives NaN: its scheduler's `shift_terminal` needs two or more)")
 UNET_SCHEDULER_NOTE = """`LCMScheduler` with `original_inference_steps={steps}` and `timestep_scaling=1e10`:
   each step predicts the clean latent and re-noises it with fresh noise from `generator` to the next
   timestep, the sampler the student was trained with"""
@@ -98,11 +100,6 @@ def _flow_export(pipe, weights: dict[str, torch.Tensor], config: TrainConfig) ->
     from distill.flow_student import flow_student_scheduler, pairs_max_sequence_length
 
     kind, steps = teacher_kind(pipe), config.objective_config.student_steps
-    if kind != FLUX and steps > 1:
-        # StableDiffusion3Pipeline builds its own sigma grid (linspace of the scheduler's training
-        # range), which no scheduler config turns into the student's linspace(1, 1/N, N).
-        raise CheckpointError(f"student_steps {steps}: a {type(pipe).__name__} student exports for 1 step only (its "
-                              "stock pipeline's sigma grid is not the student's); FLUX students export for 1 to 4")
     pipe.transformer.load_state_dict(_student_unet_weights(weights, "transformer."))
     pipe.scheduler = flow_student_scheduler(steps)
     guided = kind == FLUX and bool(getattr(pipe.transformer.config, "guidance_embeds", False))

@@ -232,7 +232,11 @@ def flow_student_scheduler(student_steps: int):
 
     if not 1 <= student_steps <= 4:
         raise ValueError(f"student_steps must be 1 to 4, got {student_steps}")
-    return FlowMatchEulerDiscreteScheduler(**FLOW_STUDENT_SCHEDULER_KWARGS)
+    # StableDiffusion3Pipeline lets the scheduler build linspace(1, 1/1000, N); stretching it to end at
+    # 1/N (an affine map of a linspace) gives exactly the student's linspace(1, 1/N, N). FluxPipeline
+    # passes that grid itself, which the stretch leaves as it is.
+    terminal = 1.0 / student_steps if student_steps > 1 else None
+    return FlowMatchEulerDiscreteScheduler(**{**FLOW_STUDENT_SCHEDULER_KWARGS, "shift_terminal": terminal})
 
 
 class FlowTextConditioner:

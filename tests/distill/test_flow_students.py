@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from d2g.teacher.loading import load_teacher
-from distill.checkpoint import CheckpointError, CheckpointStore
+from distill.checkpoint import CheckpointStore
 from distill.flow_student import FlowGenerator, FlowTextConditioner
 from distill.objective_config import parse_objective_config
 from distill.objectives import ObjectiveError, make_objective
@@ -230,7 +230,7 @@ def _export_run(teacher, tmp_path, family: str, steps: int, pairs_url: str):
     return student, out, lambda: export_student(str(run), str(out))
 
 
-@pytest.mark.parametrize(("family", "steps"), [("sd3", 1), ("flux", 1), ("flux", 2)])
+@pytest.mark.parametrize(("family", "steps"), [("sd3", 1), ("sd3", 2), ("flux", 1), ("flux", 2)])
 def test_stock_pipeline_reproduces_the_student(family, steps, pairs, request, tmp_path):
     from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
@@ -259,11 +259,18 @@ def test_stock_pipeline_reproduces_the_student(family, steps, pairs, request, tm
     assert not torch.allclose(_stock(teacher_pipe, PROMPTS[:2], noise, 1, GUIDANCE[family]), ours, atol=1e-3)
 
 
-def test_sd3_few_step_export_is_refused_in_one_line(pairs, sd3_teacher, tmp_path):
-    _, out, export = _export_run(sd3_teacher, tmp_path, "sd3", 2, pairs["sd3"])
-    with pytest.raises(CheckpointError, match=r"student_steps 2: a StableDiffusion3Pipeline student exports for 1 "):
-        export()
-    assert not out.exists() or not any(out.iterdir()), "nothing written"
+@pytest.mark.parametrize("steps", [1, 2, 3, 4])
+def test_the_stock_schedulers_grid_is_the_students(steps):
+    """Both stock pipelines' ways of setting the grid (SD3: the scheduler's own from a step count;
+    FLUX: the sigmas passed in) give the student's linspace(1, 1/N, N), and timesteps sigma * 1000."""
+    from distill.flow_student import flow_student_scheduler
+
+    grid = torch.linspace(1, 1 / steps, steps)
+    for how in ({"num_inference_steps": steps}, {"sigmas": grid.numpy()}):
+        scheduler = flow_student_scheduler(steps)
+        scheduler.set_timesteps(**how)
+        torch.testing.assert_close(scheduler.sigmas[:-1], grid, rtol=0, atol=1e-6)
+        torch.testing.assert_close(scheduler.timesteps, grid * 1000, rtol=0, atol=1e-3)
 
 
 def test_unsupported_options_are_refused_in_one_line(flux_teacher):
