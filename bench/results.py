@@ -1,9 +1,11 @@
-"""The papers' comparisons in miniature, on the embedded shapes teacher -> docs/RESULTS.md.
+"""The papers' comparisons in miniature, on an embedded shapes teacher -> docs/RESULTS.md.
 
     .venv/bin/python bench/results.py                      # everything, then docs/RESULTS.md + docs/results.png
     .venv/bin/python bench/results.py --rows teacher-25 d2g --steps 200   # a subset, quickly
+    .venv/bin/python bench/results.py --teacher shapes-sd3 --work bench-out/results-sd3  # the flow teacher
 
-1. One pair dataset (pairgen through a local Ray: shapes://train prompts, 25-step DDIM, guidance 3).
+1. One pair dataset (pairgen through a local Ray: shapes://train prompts, the teacher's 25-step
+   solver (DDIM for the UNet teachers, flow Euler for shapes-sd3), guidance 3).
 2. Every student row is trained from it with the same budget (steps, batch, learning rates, seed)
    and exported (`distill export`); rows differ only in their objective settings (ROWS below).
 3. Every row, teachers included, is scored by `distill.quality.ShapesQuality` on the same prompts
@@ -44,6 +46,7 @@ STUDENTS: dict[str, tuple[str, dict, str]] = {
     "d2g-no-r1": ("d2g", {"r1_gamma": 0.0}, "d2g without single-sample R1"),
     "d2g-no-mix-and-match": ("d2g", {"mix_and_match": 0.0}, "d2g without mix-and-match"),
     "add": ("add", {}, "ADD: hinge GAN on frozen teacher features + score distillation"),
+    "ladd": ("ladd", {}, "LADD: hinge GAN on frozen teacher features of re-noised latents, no score distillation"),
     "d2g-lora": ("d2g", {}, "d2g with student and discriminator as rank-8 LoRA adapters on one shared frozen UNet"),
 }
 # LCM-LoRA's choice of modules: attention, feed-forward, the resnets' convolutions and time
@@ -55,19 +58,27 @@ STUDENT_TRAINING: dict[str, dict] = {
                  "generator_lora_targets": LORA_TARGETS, "discriminator_lora_targets": LORA_TARGETS},
 }
 TEACHERS: dict[str, tuple[int, float, str]] = {
-    "teacher-25": (25, GUIDANCE, "teacher, 25 DDIM steps, guidance 3 (the pairs' solver)"),
+    "teacher-25": (25, GUIDANCE, "teacher, 25 steps of its solver, guidance 3 (the pairs' solver)"),
     "teacher-4": (4, GUIDANCE, "teacher, 4 steps, guidance 3"),
     "teacher-1": (1, GUIDANCE, "teacher, 1 step, guidance 3"),
     "teacher-1-unguided": (1, 1.0, "teacher, 1 step, no guidance (the student's starting point)"),
 }
 ROWS = list(TEACHERS) + list(STUDENTS)
+SHAPES_TEACHERS = ("shapes", "shapes-xl", "shapes-sd3")
+# Rows a teacher cannot have: the flow (SD3-layout) students refuse score distillation and LoRA, and
+# their d2g discriminator has no multi-scale input branches to ablate.
+UNSUPPORTED_ROWS = {"shapes-sd3": {"add", "d2g-lora", "d2g-no-multiscale"}}
 TARGET_ROW = "teacher-25"  # the pairs' own solver: its latents are the students' targets
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default="bench-out/results", help="pairs, runs, exports and cached scores")
-    ap.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS, metavar="ROW", help=f"rows to run: {ROWS}")
+    ap.add_argument("--work", default="bench-out/results",
+                    help="pairs, runs, exports and cached scores (one folder per --teacher)")
+    ap.add_argument("--teacher", default="shapes", choices=SHAPES_TEACHERS,
+                    help="the embedded teacher distilled: the SD1.5-, SDXL- or SD3-layout (flow-matching) one")
+    ap.add_argument("--rows", nargs="+", default=None, choices=ROWS, metavar="ROW",
+                    help=f"rows to run (default: every row the teacher supports): {ROWS}")
     ap.add_argument("--num-pairs", type=int, default=8192)
     ap.add_argument("--pairs", default=None, help="use this existing pair store instead of generating --work/pairs")
     ap.add_argument("--steps", type=int, default=800, help="training steps of every student")
@@ -90,9 +101,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--latency-repeats", type=int, default=20, help="timed calls per row (0: skip latency)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (training and latency)")
     ap.add_argument("--rescore", action="store_true", help="recompute cached scores")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "RESULTS.md"))
+    ap.add_argument("--out", default=None, help="the published table, written when every row the teacher "
+                    "supports ran (default: docs/RESULTS.md for shapes, docs/RESULTS-<teacher>.md for the others)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON at the end")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    supported = [row for row in ROWS if row not in UNSUPPORTED_ROWS.get(args.teacher, set())]
+    refused = sorted(set(args.rows or ()) - set(supported))
+    if refused:
+        ap.error(f"--rows {' '.join(refused)}: not supported for --teacher {args.teacher}")
+    args.all_rows, args.rows = supported, args.rows or supported
+    default_out = "RESULTS.md" if args.teacher == "shapes" else f"RESULTS-{args.teacher}.md"
+    args.out = args.out or str(ROOT / "docs" / default_out)
+    return args
 
 
 def log(message: str) -> None:
@@ -104,7 +124,7 @@ def make_pairs(args, work: Path) -> str:
     from pairgen.runner import PairgenRun
 
     out = str(work / "pairs")
-    config = load_config(None, dict(teacher="shapes", prompts="shapes://train", out=out, num_pairs=args.num_pairs,
+    config = load_config(None, dict(teacher=args.teacher, prompts="shapes://train", out=out, num_pairs=args.num_pairs,
                                     shard_size=512, steps=25, guidance=GUIDANCE, batch_size=128, workers=2,
                                     seed=args.seed, commit_every=0))
     summary = PairgenRun(config, progress=True).run()
@@ -134,7 +154,7 @@ def train_student(args, work: Path, name: str, pairs: str) -> tuple[str, dict]:
     objective, overrides, _ = STUDENTS[name]
     run, model = work / "runs" / name, work / "students" / name
     settings = dict(
-        data=pairs, teacher="shapes", out=str(run), objective=objective,
+        data=pairs, teacher=args.teacher, out=str(run), objective=objective,
         objective_config=objective_config(args, objective, overrides), max_steps=args.steps,
         batch_size=args.batch_size, lr_g=args.lr_g, lr_d=args.lr_d, ema_decay=args.ema_decay,
         checkpoint_every=max(1, args.steps // 2), log_every=50, use_ray=False, threads=args.threads,
@@ -267,7 +287,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     from d2g.teacher.loading import load_teacher
 
-    teacher = load_teacher("shapes")
+    teacher = load_teacher(args.teacher)
     steps, guidance, _ = TEACHERS[TARGET_ROW]
     quality = ShapesQuality(teacher, num=args.eval_num, target_steps=steps, target_guidance=guidance,
                             split=args.eval_split)
@@ -280,7 +300,7 @@ def main(argv=None) -> int:
         add_latencies(args, rows, samplers, quality)
     floor = quality.real_floor()
     # Only a run of every row replaces the published table; subsets write into --work.
-    publish = set(args.rows) == set(ROWS) and args.eval_split == "train"
+    publish = set(args.rows) == set(args.all_rows) and args.eval_split == "train"
     out = Path(args.out) if publish else work / ("" if args.eval_split == "train" else args.eval_split) / "RESULTS.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     grid = out.with_name("results.png")
@@ -288,7 +308,7 @@ def main(argv=None) -> int:
     table = markdown(rows, floor)
     print(table)
     seconds = time.perf_counter() - began
-    body = (f"Measured {time.strftime('%Y-%m-%d')} with `{command_line(argv)}` (seed {args.seed}; "
+    body = (f"Measured {time.strftime('%Y-%m-%d')} with `{command_line(argv)}` (teacher {args.teacher}; seed {args.seed}; "
             f"{args.num_pairs} pairs; {args.steps} steps of batch {args.batch_size} per student; "
             f"{args.eval_num} prompts and noises per row; torch {torch.__version__}, {args.threads} threads; "
             f"{seconds / 60:.0f} min in all).\n\n{table}\n\n![rows of the table, same prompts and noises]({grid.name})\n")

@@ -31,8 +31,9 @@ PROMPT_SEED, NOISE_SEED, REAL_SEED, DIVERSITY_SEED = 5_001, 5_002, 5_003, 5_004
 
 
 def teacher_sampler(pipe, steps: int, guidance: float) -> Sampler:
-    """The teacher's own deterministic DDIM (trailing grid, eta 0) at `steps` steps."""
-    solver = TeacherSolver(pipe, SolverSettings(scheduler="ddim", steps=steps, guidance=guidance,
+    """The teacher's own deterministic solver at `steps` steps: DDIM (trailing grid, eta 0) for a
+    UNet teacher, flow Euler for a flow-matching one (pairgen's `auto`)."""
+    solver = TeacherSolver(pipe, SolverSettings(scheduler="auto", steps=steps, guidance=guidance,
                                                 timestep_spacing="trailing"))
     return lambda prompts, noise: solver.solve(prompts, noise)[LATENT].float()
 
