@@ -97,6 +97,22 @@ def test_a_worker_that_cannot_see_the_data_fails_fast_naming_its_node(ray_local,
     assert not (out / MARKER).exists()  # the driver's marker is removed with the run
 
 
+def test_a_teacher_that_fails_to_load_on_the_worker_stops_at_once(ray_local, pairs, sd15_teacher, tmp_path):
+    """The driver checks only the teacher's model index; the worker loads its weights. A corrupt UNet
+    file fails the same way on every restart, so the run stops at the first failure with one line
+    naming the teacher instead of Ray Train retrying it --max-failures times."""
+    teacher, out = tmp_path / "teacher", tmp_path / "run"
+    shutil.copytree(sd15_teacher, teacher)
+    weights = next((teacher / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:64])
+    proc = _start(_args(pairs, teacher, out, "--max-steps", "4", "--max-failures", "3"), ray_local)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2, stderr[-3000:]
+    ours = [line for line in stderr.splitlines() if line.startswith("distill:")]
+    assert "Traceback" not in stderr and not [line for line in ours if "restarted" in line], stderr[-3000:]
+    assert len(ours) == 1 and ours[0].startswith(f"distill: error: cannot load teacher '{teacher}'"), stderr[-3000:]
+
+
 def test_more_failures_than_max_failures_is_one_line_with_the_resume_command(ray_local, pairs, sd15_teacher,
                                                                              tmp_path):
     """The worker's process dies after step 3 on every start (each resumes from the checkpoint at
