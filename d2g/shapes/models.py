@@ -221,9 +221,18 @@ def encode_prompts_sd3(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Te
     zeros (no T5, or the zero T5), so only the CLIP part is stored and the zeros are appended at
     training time.
     The empty prompt is encoded as text, as the pipeline encodes its negative prompt "" for guidance."""
-    embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
-                                              device=torch.device("cpu"), num_images_per_prompt=1,
-                                              do_classifier_free_guidance=False, max_sequence_length=1)
+    from diffusers.utils import logging as diffusers_logging
+
+    # One T5 token is all we ask for: the pipeline's warning that it truncated every caption to it
+    # (a screenful of them per batch) says nothing.
+    previous = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
+                                                  device=torch.device("cpu"), num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False, max_sequence_length=1)
+    finally:
+        diffusers_logging.set_verbosity(previous)
     if embeds[:, -1].abs().sum() != 0:
         raise ValueError("the SD3 pipeline's T5 tokens are not zeros; the shapes teacher is trained on zeros")
     return embeds[:, :-1], pooled
