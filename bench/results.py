@@ -12,8 +12,10 @@
    and held-out noises: attribute accuracy, Fréchet distance, diversity, latent MSE to the 25-step
    teacher's target; then latency per image at batch 1 (prompt to latent, and with decoding) on
    this CPU, all rows measured one after the other in this process.
-Re-running reuses the pairs, finished trainings (the trainer resumes) and cached scores
-(`--work/scores/<row>.json`); `--rescore` recomputes the scores.
+`--seeds 0 1 2` trains every student row once per seed (on the same pairs, scored on the same sets)
+and reports each figure as mean ± sd; `add-1step` and `add-2step` score the 4-step `add` student at
+fewer steps (no training of their own). Re-running reuses the pairs, finished trainings (the trainer
+resumes) and cached scores (`--work/scores/<row>[-seed<k>].json`); `--rescore` recomputes the scores.
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ STUDENTS: dict[str, tuple[str, dict, str]] = {
     "d2g-no-multiscale": ("d2g", {"d2g_multiscale": False}, "d2g without multi-scale input branches"),
     "d2g-no-r1": ("d2g", {"r1_gamma": 0.0}, "d2g without single-sample R1"),
     "d2g-no-mix-and-match": ("d2g", {"mix_and_match": 0.0}, "d2g without mix-and-match"),
-    "add": ("add", {}, "ADD: hinge GAN on frozen teacher features + score distillation"),
+    "d2g-no-z": ("d2g", {"d2g_z_conditioning": False}, "d2g without the noise z conditioning the discriminator"),
+    "d2g-no-readout": ("d2g", {"d2g_readout_heads": False}, "d2g with one head on the output instead of readout heads"),
+    "regression-pseudo-huber": ("regression", {"regression_loss": "pseudo_huber"}, "regression only, pseudo-Huber"),
+    "add": ("add", {}, "ADD: 4-step student, hinge GAN on frozen teacher features + score distillation"),
     "ladd": ("ladd", {}, "LADD: hinge GAN on frozen teacher features of re-noised latents, no score distillation"),
     "d2g-lora": ("d2g", {}, "d2g with student and discriminator as rank-8 LoRA adapters on one shared frozen UNet"),
 }
@@ -57,17 +62,23 @@ STUDENT_TRAINING: dict[str, dict] = {
     "d2g-lora": {"generator_lora_rank": 8, "discriminator_lora_rank": 8,
                  "generator_lora_targets": LORA_TARGETS, "discriminator_lora_targets": LORA_TARGETS},
 }
+# Rows that score another row's student at fewer steps than it was trained for (ADD's 1- and
+# 4-step results come from one 4-step student): name -> (student row, sampling steps, what).
+FEWER_STEPS: dict[str, tuple[str, int, str]] = {
+    "add-1step": ("add", 1, "the add student sampled in 1 step"),
+    "add-2step": ("add", 2, "the add student sampled in 2 steps"),
+}
 TEACHERS: dict[str, tuple[int, float, str]] = {
     "teacher-25": (25, GUIDANCE, "teacher, 25 steps of its solver, guidance 3 (the pairs' solver)"),
     "teacher-4": (4, GUIDANCE, "teacher, 4 steps, guidance 3"),
     "teacher-1": (1, GUIDANCE, "teacher, 1 step, guidance 3"),
     "teacher-1-unguided": (1, 1.0, "teacher, 1 step, no guidance (the student's starting point)"),
 }
-ROWS = list(TEACHERS) + list(STUDENTS)
+ROWS = list(TEACHERS) + list(STUDENTS) + list(FEWER_STEPS)
 SHAPES_TEACHERS = ("shapes", "shapes-xl", "shapes-sd3")
 # Rows a teacher cannot have: the flow (SD3-layout) students refuse score distillation and LoRA, and
 # their d2g discriminator has no multi-scale input branches to ablate.
-UNSUPPORTED_ROWS = {"shapes-sd3": {"add", "d2g-lora", "d2g-no-multiscale"}}
+UNSUPPORTED_ROWS = {"shapes-sd3": {"add", "add-1step", "add-2step", "d2g-lora", "d2g-no-multiscale", "d2g-no-readout"}}
 TARGET_ROW = "teacher-25"  # the pairs' own solver: its latents are the students' targets
 
 
@@ -92,7 +103,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lpips-weights", default="shapes",
                     help="LatentLPIPS weights: the packaged 'shapes' (default), a .safetensors path, or 'random' "
                          "(an untrained trunk of width 0.25)")
-    ap.add_argument("--seed", type=int, default=0, help="pair dataset seed and training seed")
+    ap.add_argument("--seed", type=int, default=0, help="pair dataset seed (and the training seed without --seeds)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                    help="training seeds of every student row (default: --seed); with two or more, every "
+                         "figure is the mean ± sd over them (one pair dataset, one scoring set)")
     ap.add_argument("--eval-num", type=int, default=1024, help="prompts/noises scored per row")
     ap.add_argument("--eval-split", default="train", choices=("train", "heldout"),
                     help="prompts scored: the train split the pairs came from, or the held-out attribute "
@@ -110,6 +124,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if refused:
         ap.error(f"--rows {' '.join(refused)}: not supported for --teacher {args.teacher}")
     args.all_rows, args.rows = supported, args.rows or supported
+    args.seeds = list(dict.fromkeys(args.seeds or [args.seed]))
     default_out = "RESULTS.md" if args.teacher == "shapes" else f"RESULTS-{args.teacher}.md"
     args.out = args.out or str(ROOT / "docs" / default_out)
     return args
@@ -146,34 +161,41 @@ def objective_config(args, objective: str, overrides: dict) -> dict:
     return config
 
 
-def train_student(args, work: Path, name: str, pairs: str) -> tuple[str, dict]:
+def seeded(name: str, seed: int, args) -> str:
+    """The folder and cache name of a row's run with training seed `seed` (--seed's keeps the bare
+    name, so earlier work is reused)."""
+    return name if seed == args.seed else f"{name}-seed{seed}"
+
+
+def train_student(args, work: Path, name: str, pairs: str, seed: int) -> tuple[str, dict]:
     from distill.export import export_student
     from distill.ray_launch import train
     from distill.train_config import load_train_config
 
     objective, overrides, _ = STUDENTS[name]
-    run, model = work / "runs" / name, work / "students" / name
+    run, model = work / "runs" / seeded(name, seed, args), work / "students" / seeded(name, seed, args)
     settings = dict(
         data=pairs, teacher=args.teacher, out=str(run), objective=objective,
         objective_config=objective_config(args, objective, overrides), max_steps=args.steps,
         batch_size=args.batch_size, lr_g=args.lr_g, lr_d=args.lr_d, ema_decay=args.ema_decay,
         checkpoint_every=max(1, args.steps // 2), log_every=50, use_ray=False, threads=args.threads,
-        seed=args.seed, **STUDENT_TRAINING.get(name, {}))
+        seed=seed, **STUDENT_TRAINING.get(name, {}))
     config = load_train_config(None, settings)
     began = time.perf_counter()
     summary = train(config)
     if not (model / "d2g_student.json").exists():
         export_student(str(run), str(model))
-    log(f"{name}: trained to step {summary['steps']} ({time.perf_counter() - began:.0f} s)")
+    log(f"{seeded(name, seed, args)}: trained to step {summary['steps']} ({time.perf_counter() - began:.0f} s)")
     # The options the row set, not the preset's defaults: what RESULTS.json has always recorded.
     objective_options = config.objective_config.model_dump(mode="json", exclude_unset=True)
     return str(model), {"objective": objective, "objective_config": objective_options,
                         "lr_g": config.lr_g, "lr_d": config.lr_d, "train_seconds": summary.get("seconds"),
-                        "steps": summary["steps"]}
+                        "steps": summary["steps"], "seed": seed}
 
 
-def sampler_for(name: str, teacher, work: Path, quality: ShapesQuality):
-    """(sampler, pipeline whose VAE decodes its latents) of a row."""
+def sampler_for(name: str, teacher, work: Path, quality: ShapesQuality, folder: str | None = None):
+    """(sampler, pipeline whose VAE decodes its latents) of a row; `folder`: the student's run name
+    (default `name`; seeded() for other training seeds)."""
     if name == TARGET_ROW:
         return quality.target_sampler, teacher
     if name in TEACHERS:
@@ -181,8 +203,9 @@ def sampler_for(name: str, teacher, work: Path, quality: ShapesQuality):
         return teacher_sampler(teacher, steps, guidance), teacher
     from distill.export import load_student
 
-    student = load_student(str(work / "students" / name))
-    return student_sampler(student), student
+    base, steps = (FEWER_STEPS[name][0], FEWER_STEPS[name][1]) if name in FEWER_STEPS else (name, None)
+    student = load_student(str(work / "students" / (folder or base)))
+    return student_sampler(student, steps), student
 
 
 @torch.no_grad()
@@ -197,23 +220,51 @@ def measure_latency(name: str, sampler, pipe, quality: ShapesQuality, repeats: i
     return {"latency_s": to_latent, "latency_decoded_s": decoded}
 
 
-def score_row(args, work: Path, name: str, teacher, quality: ShapesQuality, pairs: str | None) -> dict:
-    cache = work / "scores" / ("" if args.eval_split == "train" else args.eval_split) / f"{name}.json"
+def score_row(args, work: Path, name: str, teacher, quality: ShapesQuality, pairs: str | None, seed: int) -> dict:
+    """One row's scores for one training seed (teacher rows have none), cached in --work/scores."""
+    folder = name if name in TEACHERS else seeded(name, seed, args)
+    cache = work / "scores" / ("" if args.eval_split == "train" else args.eval_split) / f"{folder}.json"
     if cache.exists() and not args.rescore:
         return json.loads(cache.read_text())
-    row: dict = {"row": name, "what": (TEACHERS.get(name) or STUDENTS[name])[-1]}
-    if name in STUDENTS:
-        _, training = train_student(args, work, name, pairs)
+    row: dict = {"row": name, "what": (TEACHERS.get(name) or STUDENTS.get(name) or FEWER_STEPS[name])[-1]}
+    student_folder = None
+    if name not in TEACHERS:
+        trained = FEWER_STEPS[name][0] if name in FEWER_STEPS else name
+        _, training = train_student(args, work, trained, pairs, seed)
         earlier = json.loads(cache.read_text()).get("training", {}) if cache.exists() else {}
         # A finished run resumes as a no-op: keep the record of the run that did the training.
         row["training"] = earlier if earlier.get("steps") == training["steps"] else training
-    sampler, _ = sampler_for(name, teacher, work, quality)
+        student_folder = seeded(trained, seed, args)
+    sampler, _ = sampler_for(name, teacher, work, quality, student_folder)
     row.update(quality.score(sampler))
-    log(f"{name}: accuracy {row['accuracy']:.3f}  frechet {row['frechet']:.1f}  diversity "
+    log(f"{folder}: accuracy {row['accuracy']:.3f}  frechet {row['frechet']:.1f}  diversity "
         f"{row['diversity']:.2f}  distance {row['distance']:.4f}")
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(row, indent=2))
     return row
+
+
+SEEDED_KEYS = ("accuracy", "frechet", "diversity", "distance")
+
+
+def over_seeds(runs: list[dict], seeds: list[int]) -> dict:
+    """A row from its runs with training seeds `seeds`: the first run's record with each SEEDED_KEYS
+    figure replaced by the mean over the runs, plus `<key>_sd` (sample standard deviation), the
+    seeds and the runs themselves when there are two or more."""
+    row = dict(runs[0])
+    if len(runs) > 1:
+        for key in SEEDED_KEYS:
+            values = torch.tensor([run[key] for run in runs], dtype=torch.float64)
+            row[key], row[f"{key}_sd"] = float(values.mean()), float(values.std())
+        row["seeds"] = seeds
+        row["per_seed"] = runs
+    return row
+
+
+def train_seconds(row: dict) -> float | None:
+    runs = row.get("per_seed") or [row]
+    seconds = [run.get("training", {}).get("train_seconds") for run in runs]
+    return sum(seconds) / len(seconds) if all(seconds) else None
 
 
 def add_latencies(args, rows: dict, samplers: dict, quality: ShapesQuality) -> None:
@@ -247,14 +298,23 @@ COLUMNS = (
     ("ms / image decoded", "latency_decoded_s", lambda v: f"{1000 * v:.1f}"),
     ("speed-up", "speedup", lambda v: f"{v:.1f}x"),
     ("speed-up decoded", "speedup_decoded", lambda v: f"{v:.1f}x"),
+    ("training s", "train_s", lambda v: f"{v:.0f}"),
 )
+
+
+def cell(row: dict, key: str, fmt) -> str:
+    """A figure, with ± its standard deviation over seeds when measured; empty when missing."""
+    if row.get(key) is None:
+        return ""
+    sd = row.get(f"{key}_sd")
+    return fmt(row[key]) if sd is None else f"{fmt(row[key])} ± {fmt(sd)}"
 
 
 def markdown(rows: dict, floor: dict) -> str:
     head = ("row", *(header for header, _, _ in COLUMNS))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
-        cells = [f"`{name}`", *(fmt(r[key]) if key in r else "" for _, key, fmt in COLUMNS)]
+        cells = [f"`{name}`", *(cell(r, key, fmt) for _, key, fmt in COLUMNS)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Real renderings: Fréchet between two real sets {floor['frechet']:.0f} (the floor), "
               f"diversity {floor['diversity']:.2f}."]
@@ -293,8 +353,15 @@ def main(argv=None) -> int:
                             split=args.eval_split)
     needs_pairs = any(name in STUDENTS for name in args.rows)
     pairs = (args.pairs or make_pairs(args, work)) if needs_pairs else None
-    rows = {name: score_row(args, work, name, teacher, quality, pairs) for name in args.rows}
-    samplers = {name: sampler_for(name, teacher, work, quality) for name in rows}
+    rows = {}
+    for name in args.rows:
+        seeds = [args.seed] if name in TEACHERS else args.seeds
+        rows[name] = over_seeds([score_row(args, work, name, teacher, quality, pairs, seed) for seed in seeds], seeds)
+        rows[name]["train_s"] = train_seconds(rows[name])
+    # Latency and the figure use the first seed's students (the networks are the same size).
+    first = {name: None if name in TEACHERS else seeded(FEWER_STEPS.get(name, (name,))[0], args.seeds[0], args)
+             for name in rows}
+    samplers = {name: sampler_for(name, teacher, work, quality, first[name]) for name in rows}
     if args.latency_repeats > 0:
         log("latency, every row in turn")
         add_latencies(args, rows, samplers, quality)
@@ -308,7 +375,8 @@ def main(argv=None) -> int:
     table = markdown(rows, floor)
     print(table)
     seconds = time.perf_counter() - began
-    body = (f"Measured {time.strftime('%Y-%m-%d')} with `{command_line(argv)}` (teacher {args.teacher}; seed {args.seed}; "
+    seeds = f"training seeds {', '.join(map(str, args.seeds))}, mean ± sd" if len(args.seeds) > 1 else f"seed {args.seeds[0]}"
+    body = (f"Measured {time.strftime('%Y-%m-%d')} with `{command_line(argv)}` (teacher {args.teacher}; {seeds}; "
             f"{args.num_pairs} pairs; {args.steps} steps of batch {args.batch_size} per student; "
             f"{args.eval_num} prompts and noises per row; torch {torch.__version__}, {args.threads} threads; "
             f"{seconds / 60:.0f} min in all).\n\n{table}\n\n![rows of the table, same prompts and noises]({grid.name})\n")

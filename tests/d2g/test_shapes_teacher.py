@@ -112,6 +112,29 @@ def test_shipped_sdxl_layout_teacher_loads_through_its_alias():
     assert np.array_equal(_sample(pipe, 2, 5), _sample(pipe, 2, 5))
 
 
+@pytest.mark.skipif(not (WEIGHTS.parent / "teacher-sd3" / "model_index.json").exists(),
+                    reason="SD3-layout teacher not committed (docs/SHAPES.md)")
+def test_shipped_sd3_layout_teacher_loads_through_its_alias():
+    """A plain from_pretrained folder (its T5 a zero encoder) that samples deterministically with
+    the flow solver pairgen uses."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from d2g.teacher.loading import load_teacher
+    from d2g.teacher.noise import batch_noise
+    from d2g.teacher.solver import SolverSettings, TeacherSolver
+    from d2g.teacher.vae import latent_shape
+    from store import LATENT
+
+    pipe = load_teacher("shapes-sd3")
+    assert isinstance(pipe, StableDiffusion3Pipeline) and isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    assert pipe.scheduler.config.shift == 1.0 and not pipe.scheduler.config.use_dynamic_shifting
+    assert pipe.vae.config.scaling_factor == load_teacher("shapes").vae.config.scaling_factor
+    solver = TeacherSolver(pipe, SolverSettings(scheduler="auto", steps=2, guidance=3.0))
+    noise = batch_noise(5, [0, 1], latent_shape(pipe))
+    first, second = (solver.solve(PROMPTS, noise)[LATENT] for _ in range(2))
+    assert torch.equal(first, second) and not torch.allclose(first, noise)
+
+
 @needs_weights
 def test_sdxl_layout_training_conditions_the_unet_as_its_pipeline_does(tmp_path):
     """The latents and unet stages with --layout sdxl, a few steps: the exported pipeline is an
