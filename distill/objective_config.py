@@ -206,15 +206,53 @@ class ADDFamilyConfig(AdversarialConfig):
     add_t_logit_mean: float = Field(1.0, description="re-noising t ~ LogitNormal(mean, std), as LADD")
     add_t_logit_std: float = Field(1.0, gt=0, description="re-noising t ~ LogitNormal(mean, std), as LADD")
     student_steps: int = Field(4, ge=1, le=4, description="sampling steps of the student (ADD, LADD: 4)")
+    # "vision" is ADD's published discriminator (distill.discriminators.vision); it decodes latents
+    # with the teacher VAE every step, which nothing else in training does, hence off by default.
+    add_discriminator: Literal["teacher", "vision"] = Field(
+        "teacher", description="what the heads judge: frozen teacher-UNet features of re-noised latents (teacher, "
+        "LADD's) or a frozen vision backbone's features of decoded images (vision, ADD's; decodes every step)")
+    add_vision_backbone: str | None = Field(
+        None, description="add_discriminator vision: a local folder of a transformers vision model with hidden "
+        "states (ViTModel, Dinov2Model, CLIPVisionModel...), loaded with AutoModel.from_pretrained, frozen")
+    add_vision_layers: list[int] | None = Field(
+        None, description="add_discriminator vision: hidden-state indices the heads read (0: the embeddings, i: "
+        "block i; None: 4 evenly spaced blocks ending with the last)")
+    add_vision_size: int | None = Field(
+        None, ge=1, description="add_discriminator vision: side decoded images are resized to (None: the "
+        "backbone config's image_size)")
+
+    @model_validator(mode="after")
+    def _vision_options(self) -> ADDFamilyConfig:
+        if self.add_discriminator == "vision":
+            if not self.add_vision_backbone:
+                raise ValueError("add_vision_backbone: add_discriminator 'vision' needs the local folder of a "
+                                 "transformers vision model (e.g. a saved Dinov2Model)")
+            if self.add_vision_layers is not None and (not self.add_vision_layers
+                                                       or any(i < 0 for i in self.add_vision_layers)):
+                raise ValueError(f"add_vision_layers: {self.add_vision_layers} must be non-empty hidden-state "
+                                 "indices >= 0")
+            return self
+        unused = [k for k in ("add_vision_backbone", "add_vision_layers", "add_vision_size")
+                  if getattr(self, k) is not None]
+        if unused:
+            raise ValueError(f"{unused[0]}: only used with add_discriminator 'vision' (it is "
+                             f"{self.add_discriminator!r})")
+        return self
 
 
 class ADDConfig(ADDFamilyConfig):
     """`add`: ADD (Sauer et al. 2023) as published, in the latent form: a 4-step student whose
     training step starts at one of its 4 grid timesteps chosen uniformly, hinge GAN + lambda_sd 2.5
     score distillation towards the frozen teacher at the pairs' guidance (sd_guidance_scale None),
-    c(t) = alpha_t (ADD's ablation setting; `sd_weighting: nfsd` is its final model's). Not as
-    published: the discriminator is the teacher's own features on re-noised latents (LADD's), not
-    a frozen ViT on decoded pixels, and its heads see no image embedding."""
+    c(t) = alpha_t (ADD's ablation setting; `sd_weighting: nfsd` is its final model's).
+
+    The discriminator, by default, is not ADD's: it is the teacher's own features on re-noised
+    latents (LADD's), and its heads see no image embedding. `add_discriminator: vision` with
+    `add_vision_backbone` (a saved DINOv2, as ADD, or any transformers ViT) is ADD's: the latents are
+    decoded by the teacher VAE and judged clean by heads on several layers of the frozen backbone,
+    conditioned on the text and on the real image's pooled embedding (distill.discriminators.vision).
+    Still not as published with it: the heads are ours (per-token FiLM + projection MLPs, not
+    StyleGAN-T's conv blocks), and the backbone is whatever folder is given (no weights ship here)."""
 
     objective: ClassVar[str] = "add"
 

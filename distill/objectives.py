@@ -11,6 +11,9 @@
   stop-gradient); a 4-step student whose training steps start at its grid timesteps uniformly.
 - `ladd` (LADD): the same discriminator, the adversarial loss alone (synthetic data), training
   steps started at the grid timesteps with probabilities 0.7, 0.1, 0.1, 0.1.
+- `add_discriminator: vision` (either): ADD's published discriminator instead, heads on a frozen
+  vision backbone judging VAE-decoded images (distill.discriminators.vision); the only training
+  path that decodes latents, so off by default.
 The regression and score-distillation terms can be added to any objective, and the adversarial
 term's weight set for any objective with a discriminator (e.g. `add` with `regression_weight=1`),
 so ablations are config changes.
@@ -61,6 +64,7 @@ from distill.discriminators.add import ADDDiscriminator
 from distill.discriminators.d2g import D2GDiscriminator
 from distill.discriminators.flow import FlowD2GDiscriminator, FlowLADDDiscriminator
 from distill.discriminators.unet_probe import downsampling_factor
+from distill.discriminators.vision import VisionDiscriminator
 from distill.flow_student import (
     FlowGenerator,
     FlowTextConditioner,
@@ -188,6 +192,9 @@ class Objective:
             raise ObjectiveError(f"objective {name!r} needs a UNet-based, SD3- or FLUX-style diffusers pipeline; "
                                  f"teacher {teacher} has a transformer denoiser but is neither "
                                  "StableDiffusion3Pipeline nor FluxPipeline") from None
+        if getattr(config, "add_discriminator", "teacher") == "vision":
+            raise ObjectiveError(f"objective {name!r}: add_discriminator 'vision' is not supported for {teacher} "
+                                 "teachers; use 'teacher'")
         if memory.uses_lora:
             raise ObjectiveError(f"objective {name!r}: LoRA students and discriminators are not supported for "
                                  f"{teacher} teachers (use full copies)")
@@ -226,6 +233,8 @@ class Objective:
                                  f"teacher {type(pipe).__name__} has {'no UNet' if unet is None else type(unet).__name__}")
         self.latent_channels, self.size_factor = unet.config.in_channels, downsampling_factor(unet)
         kind = DISCRIMINATORS[name]
+        if getattr(config, "add_discriminator", "teacher") == "vision":
+            kind = VisionDiscriminator
         if memory.discriminator_lora is not None and name not in LORA_DISCRIMINATOR_OBJECTIVES:
             raise ObjectiveError(f"objective {name!r}: discriminator_lora_rank: no trainable discriminator UNet to "
                                  f"adapt (LoRA discriminators: {', '.join(LORA_DISCRIMINATOR_OBJECTIVES)})")
@@ -273,6 +282,8 @@ class Objective:
         """The objective's discriminator on the teacher UNet (a full copy, or adapter "disc" on
         `shared`), on the student's device; ObjectiveError naming the bad option."""
         extra = {"gradient_checkpointing": checkpointing} if kind is D2GDiscriminator else {}
+        if kind is VisionDiscriminator:
+            extra["vae"] = self.pipe.vae
         if shared is not None:
             extra.update(shared=shared, lora=lora)
         try:
@@ -449,7 +460,9 @@ class Objective:
         disc = _unwrap(self.discriminator)
         if disc is not None and c.lambda_gan > 0:
             _set_trainable(disc, False)
-            terms["gan"] = c.lambda_gan * self._gan_g(disc.generator_logits(fake, cond, x_in))
+            # ADD's pixel discriminator conditions on the image embedding of the real the fake was made for.
+            extra = {"real": latent} if isinstance(disc, VisionDiscriminator) else {}
+            terms["gan"] = c.lambda_gan * self._gan_g(disc.generator_logits(fake, cond, x_in, **extra))
         if c.lambda_sd > 0:
             terms["score_distillation"] = c.lambda_sd * self._score_distillation(fake, cond)
         if not terms:
