@@ -94,7 +94,7 @@ def read_eval_prompts(url: str, num: int | None = None, column: str | None = Non
 
 def describe_subject(config: EvalConfig) -> dict:
     """kind (student/teacher), source, steps, guidance, whether it is a shapes-world model, and its row name."""
-    from d2g.teacher.loading import ALIASES
+    from d2g.teacher.loading import ALIASES, absolute_teacher
 
     shapes_paths = {os.path.abspath(p) for p in ALIASES.values()}
     if config.model:
@@ -118,7 +118,7 @@ def describe_subject(config: EvalConfig) -> dict:
     steps = config.steps or 25
     teacher = config.teacher
     shapes = teacher in ALIASES or os.path.abspath(teacher) in shapes_paths
-    source = os.path.abspath(teacher) if os.path.isdir(teacher) else teacher
+    source = absolute_teacher(teacher)
     name = config.name or f"teacher-{os.path.basename(teacher.rstrip('/'))}-{steps}step-cfg{config.guidance:g}"
     return {"kind": "teacher", "source": source, "steps": steps, "guidance": config.guidance, "shapes": shapes,
             "teacher": teacher, "name": name}

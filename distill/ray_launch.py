@@ -31,6 +31,7 @@ import threading
 import time
 from typing import Any
 
+from d2g.teacher.loading import absolute_teacher
 from distill.metrics import ProgressDisplay
 from distill.shared_storage import SharedStorageError, check_worker_sees, leave_marker, remove_marker
 from distill.train_config import TrainConfig, TrainConfigError
@@ -420,8 +421,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     working directory). `progress`: a bar where stderr is a terminal; plain progress lines every
     log_every steps either way when there is no bar. Returns the run summary as a dict."""
     config = config.model_copy(update={"data": absolute_url(config.data), "out": absolute_url(config.out)})
-    if os.path.isdir(config.teacher):  # a local teacher folder, for workers outside this working directory
-        config = config.model_copy(update={"teacher": os.path.abspath(config.teacher)})
+    config = config.model_copy(update={"teacher": absolute_teacher(config.teacher)})
     weights = config.objective_config.regression_kwargs.get("weights")
     if weights is not None and os.path.exists(str(weights)):
         config.objective_config.regression_kwargs = {**config.objective_config.regression_kwargs,

@@ -48,6 +48,15 @@ def resolve_teacher(name_or_path: str) -> str:
     return name_or_path  # a hub id: from_pretrained resolves it (offline it uses the local cache only)
 
 
+def absolute_teacher(name_or_path: str) -> str:
+    """A teacher reference that means the same from any working directory (Ray workers run
+    elsewhere): a local folder made absolute; a built-in alias or a hub id as given, even when the
+    current directory has a folder of that name."""
+    if name_or_path in ALIASES or not os.path.isdir(name_or_path):
+        return name_or_path
+    return os.path.abspath(name_or_path)
+
+
 def pick_device(device: str | None = None) -> torch.device:
     """`device` as given, or for None/"auto" the best available: cuda, then mps, then cpu."""
     if device and device != "auto":

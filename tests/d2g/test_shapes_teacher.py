@@ -158,3 +158,17 @@ def test_sdxl_layout_training_conditions_the_unet_as_its_pipeline_does(tmp_path)
     _, negative, _, negative_pooled = pipe.encode_prompt(prompt=[caption], device=torch.device("cpu"),
                                                          do_classifier_free_guidance=True)
     assert negative.abs().sum() == 0 and negative_pooled.abs().sum() == 0  # what guidance pairs with row 0
+
+
+def test_an_alias_is_not_shadowed_by_a_folder_of_its_name(tmp_path, monkeypatch):
+    """`distill train --teacher shapes-sd3` run from a directory that happens to hold a folder named
+    shapes-sd3 (a training workdir) still means the built-in teacher; other local folders become
+    absolute for Ray workers, hub ids stay as given."""
+    from d2g.teacher.loading import absolute_teacher
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("shapes-sd3", "my-teacher"):
+        (tmp_path / name).mkdir()
+    assert absolute_teacher("shapes-sd3") == "shapes-sd3"
+    assert absolute_teacher("my-teacher") == str(tmp_path / "my-teacher")
+    assert absolute_teacher("org/model") == "org/model"
