@@ -51,7 +51,7 @@ E_LPIPS = {"regression_kwargs": {"weights": "shapes"}}
 # time ids).
 ADD_ONE_STEP = {"student_steps": 1, "sd_guidance_scale": 1.0}
 CASES = {  # name: (teacher alias, objective, config overrides, learning rates, steps)
-    "d2g": ("shapes", "d2g", E_LPIPS, dict(lr_g=1e-4, lr_d=1e-4), 120),
+    "d2g": ("shapes", "d2g", E_LPIPS, dict(lr_g=1e-4, lr_d=1e-4), 80),
     "add-sdxl": ("shapes-xl", "add", ADD_ONE_STEP, dict(lr_g=2e-4, lr_d=2e-4), 200),
 }
 BATCH = 16
@@ -106,7 +106,7 @@ def test_objective_improves_the_student_on_the_shapes_teacher(name):
     after = _scores(obj, quality)
     print(f"{name}: before {before}\n{name}: after  {after}\nlast logs {history[-1]}")
     assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in history)
-    # Measured here, from 4-step pairs: 83% -> 89% (d2g, 120 steps; 95% at 200); on the SDXL-layout
+    # Measured here, from 4-step pairs: 83% -> 92% (d2g, 80 steps, E-LatentLPIPS as published); on the SDXL-layout
     # teacher 86% -> 91% (add, lr 2e-4; at 1e-4 it reached only 89%).
     assert after["accuracy"] >= before["accuracy"] + 0.03
     if objective == "add":
