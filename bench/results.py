@@ -12,8 +12,9 @@
    and held-out noises: attribute accuracy, Fréchet distance, diversity, latent MSE to the 25-step
    teacher's target; then latency per image at batch 1 (prompt to latent, and with decoding) on
    this CPU, all rows measured one after the other in this process.
-`--seeds 0 1 2` trains every student row once per seed (on the same pairs, scored on the same sets)
-and reports each figure as mean ± sd; `add-1step` and `add-2step` score the 4-step `add` student at
+`--seeds 0 1 2` trains each headline student row (SEEDED_ROWS: the papers' comparisons) once per seed
+(on the same pairs, scored on the same sets) and reports each figure as mean ± sd; ablations are trained
+with the first seed only (their table cell has no ±). `add-1step` and `add-2step` score the 4-step `add` student at
 fewer steps (no training of their own). Re-running reuses the pairs, finished trainings (the trainer
 resumes) and cached scores (`--work/scores/<row>[-seed<k>].json`); `--rescore` recomputes the scores.
 """
@@ -79,6 +80,8 @@ SHAPES_TEACHERS = ("shapes", "shapes-xl", "shapes-sd3")
 # Rows a teacher cannot have: the flow (SD3-layout) students refuse score distillation and LoRA, and
 # their d2g discriminator has no multi-scale input branches to ablate.
 UNSUPPORTED_ROWS = {"shapes-sd3": {"add", "add-1step", "add-2step", "d2g-lora", "d2g-no-multiscale", "d2g-no-readout"}}
+# The headline rows, trained once per --seeds seed; the other student rows (ablations) with the first.
+SEEDED_ROWS = ("regression-mse", "regression-e-latent-lpips", "d2g", "add", "ladd", "add-1step", "add-2step")
 TARGET_ROW = "teacher-25"  # the pairs' own solver: its latents are the students' targets
 
 
@@ -105,8 +108,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "(an untrained trunk of width 0.25)")
     ap.add_argument("--seed", type=int, default=0, help="pair dataset seed (and the training seed without --seeds)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
-                    help="training seeds of every student row (default: --seed); with two or more, every "
-                         "figure is the mean ± sd over them (one pair dataset, one scoring set)")
+                    help="training seeds of the headline student rows (default: --seed); with two or more, "
+                         "their figures are the mean ± sd over them (one pair dataset, one scoring set); "
+                         "ablations use the first")
     ap.add_argument("--eval-num", type=int, default=1024, help="prompts/noises scored per row")
     ap.add_argument("--eval-split", default="train", choices=("train", "heldout"),
                     help="prompts scored: the train split the pairs came from, or the held-out attribute "
@@ -190,6 +194,7 @@ def train_student(args, work: Path, name: str, pairs: str, seed: int) -> tuple[s
     objective_options = config.objective_config.model_dump(mode="json", exclude_unset=True)
     return str(model), {"objective": objective, "objective_config": objective_options,
                         "lr_g": config.lr_g, "lr_d": config.lr_d, "train_seconds": summary.get("seconds"),
+                        "train_cpu_seconds": summary.get("cpu_seconds"),
                         "steps": summary["steps"], "seed": seed}
 
 
@@ -244,6 +249,14 @@ def score_row(args, work: Path, name: str, teacher, quality: ShapesQuality, pair
     return row
 
 
+def row_seeds(args, name: str) -> list[int]:
+    """The training seeds a row is scored over: none of its own for a teacher, every --seeds seed
+    for a headline row, the first otherwise."""
+    if name in TEACHERS:
+        return [args.seed]
+    return args.seeds if name in SEEDED_ROWS else args.seeds[:1]
+
+
 SEEDED_KEYS = ("accuracy", "frechet", "diversity", "distance")
 
 
@@ -261,9 +274,11 @@ def over_seeds(runs: list[dict], seeds: list[int]) -> dict:
     return row
 
 
-def train_seconds(row: dict) -> float | None:
+def train_seconds(row: dict, key: str = "train_seconds") -> float | None:
+    """A row's training time averaged over its seeds: wall-clock, or `train_cpu_seconds`, the
+    training process's CPU time, which stays comparable when the machine was shared."""
     runs = row.get("per_seed") or [row]
-    seconds = [run.get("training", {}).get("train_seconds") for run in runs]
+    seconds = [run.get("training", {}).get(key) for run in runs]
     return sum(seconds) / len(seconds) if all(seconds) else None
 
 
@@ -299,6 +314,7 @@ COLUMNS = (
     ("speed-up", "speedup", lambda v: f"{v:.1f}x"),
     ("speed-up decoded", "speedup_decoded", lambda v: f"{v:.1f}x"),
     ("training s", "train_s", lambda v: f"{v:.0f}"),
+    ("training CPU s", "train_cpu_s", lambda v: f"{v:.0f}"),
 )
 
 
@@ -355,9 +371,10 @@ def main(argv=None) -> int:
     pairs = (args.pairs or make_pairs(args, work)) if needs_pairs else None
     rows = {}
     for name in args.rows:
-        seeds = [args.seed] if name in TEACHERS else args.seeds
+        seeds = row_seeds(args, name)
         rows[name] = over_seeds([score_row(args, work, name, teacher, quality, pairs, seed) for seed in seeds], seeds)
         rows[name]["train_s"] = train_seconds(rows[name])
+        rows[name]["train_cpu_s"] = train_seconds(rows[name], "train_cpu_seconds")
     # Latency and the figure use the first seed's students (the networks are the same size).
     first = {name: None if name in TEACHERS else seeded(FEWER_STEPS.get(name, (name,))[0], args.seeds[0], args)
              for name in rows}
@@ -375,7 +392,8 @@ def main(argv=None) -> int:
     table = markdown(rows, floor)
     print(table)
     seconds = time.perf_counter() - began
-    seeds = f"training seeds {', '.join(map(str, args.seeds))}, mean ± sd" if len(args.seeds) > 1 else f"seed {args.seeds[0]}"
+    seeds = (f"headline rows over training seeds {', '.join(map(str, args.seeds))} (mean ± sd), ablations seed "
+             f"{args.seeds[0]}" if len(args.seeds) > 1 else f"seed {args.seeds[0]}")
     body = (f"Measured {time.strftime('%Y-%m-%d')} with `{command_line(argv)}` (teacher {args.teacher}; {seeds}; "
             f"{args.num_pairs} pairs; {args.steps} steps of batch {args.batch_size} per student; "
             f"{args.eval_num} prompts and noises per row; torch {torch.__version__}, {args.threads} threads; "

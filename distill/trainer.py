@@ -75,7 +75,8 @@ def _data_order(per_rank: list[list[int]]) -> dict:
 @dataclass
 class TrainSummary:
     """What a run did: run folder `out`, last step `steps`, the step it `resumed_from`, wall time
-    `seconds`, `samples_seen` (all ranks), `last_logs` (the last logged losses), `data_version`,
+    `seconds` and this process's CPU time `cpu_seconds` (which, unlike wall time, a machine shared
+    with other work barely changes), `samples_seen` (all ranks), `last_logs` (the last logged losses), `data_version`,
     `skipped_shards` (corrupt ones), and `rank_weight_hashes`: each rank's generator weight digest
     (equal on every rank when DDP kept them in sync)."""
 
@@ -83,6 +84,7 @@ class TrainSummary:
     steps: int = 0
     resumed_from: int | None = None
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
     samples_seen: int = 0
     last_logs: dict = field(default_factory=dict)
     data_version: int | None = None
@@ -439,7 +441,7 @@ class Trainer:
                 driver, which shows one bar for the run); every rank may have one.
         """
         c = self.config
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         batches = self._batches()
         if sink is None and self.rank == 0:
             sink = ProgressDisplay(c.max_steps, desc=f"distill {c.objective}", bar=progress)
@@ -480,6 +482,7 @@ class Trainer:
             self.metrics.flush()
         self.summary.steps = self.step
         self.summary.seconds = time.perf_counter() - began
+        self.summary.cpu_seconds = time.process_time() - began_cpu
         self.summary.skipped_shards = dict(self.dataset.skipped)
         whole = fsdp.full_state_dict(self.generator.state_dict(), keep=True) if self.fsdp else None
         self.summary.rank_weight_hashes = self._gather(weights_digest(self.generator, whole))

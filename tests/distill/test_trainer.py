@@ -74,6 +74,9 @@ def test_sigkill_between_checkpoints_then_resume(pairs, sd15_teacher, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = json.loads(resumed.stdout)
     assert summary["resumed_from"] == 3 and summary["steps"] == 7
+    # This session's CPU time (what bench/results.py reports beside wall time): measured, and no
+    # more than every core busy for the whole session.
+    assert 0 < summary["cpu_seconds"] <= summary["seconds"] * (os.cpu_count() or 1) + 1
     ref, run = _metrics(tmp_path / "ref"), _metrics(tmp_path / "run")
     for step in (4, 5, 6, 7):
         assert run[step]["data/order_xxh3"] == ref[step]["data/order_xxh3"], step

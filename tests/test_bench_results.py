@@ -1,0 +1,47 @@
+"""bench/results.py's bookkeeping (the trainings themselves are benchmarks, not tests): which rows are
+trained per seed, and how the table reports a seeded row against a single-seed one."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def results():
+    spec = importlib.util.spec_from_file_location("bench_results", ROOT / "bench" / "results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_headline_rows_get_every_seed_ablations_the_first_teachers_none(results):
+    args = results.parse_args(["--seeds", "2", "0", "1", "0"])
+    assert args.seeds == [2, 0, 1]
+    assert results.row_seeds(args, "d2g") == [2, 0, 1]
+    assert results.row_seeds(args, "add-1step") == [2, 0, 1]  # scored from every seed's add student
+    assert results.row_seeds(args, "d2g-no-z") == [2]
+    assert results.row_seeds(args, "teacher-25") == [args.seed]
+    assert set(results.SEEDED_ROWS) <= set(results.ROWS)
+
+
+def test_a_seeded_row_reports_mean_and_sd_and_an_ablation_a_plain_figure(results):
+    def run(accuracy, wall, cpu):
+        return {"accuracy": accuracy, "frechet": 300.0, "diversity": 1.0, "distance": 0.1,
+                "training": {"train_seconds": wall, "train_cpu_seconds": cpu}}
+
+    seeded = results.over_seeds([run(0.90, 100.0, 180.0), run(0.94, 300.0, 200.0)], [0, 1])
+    assert seeded["accuracy"] == pytest.approx(0.92) and seeded["accuracy_sd"] == pytest.approx(0.0283, abs=1e-4)
+    assert results.train_seconds(seeded) == 200.0 and results.train_seconds(seeded, "train_cpu_seconds") == 190.0
+    single = results.over_seeds([run(0.80, 50.0, None)], [0])
+    assert "accuracy_sd" not in single and results.train_seconds(single, "train_cpu_seconds") is None
+    for row in (seeded, single):
+        row["train_s"], row["train_cpu_s"] = results.train_seconds(row), results.train_seconds(row, "train_cpu_seconds")
+    table = results.markdown({"d2g": seeded, "d2g-no-z": single}, {"frechet": 150.0, "diversity": 2.0})
+    d2g_line, ablation_line = (line for line in table.splitlines() if line.startswith("| `"))
+    assert "92.0% ± 2.8%" in d2g_line and "| 200 | 190 |" in d2g_line
+    assert "±" not in ablation_line and "80.0%" in ablation_line
