@@ -327,27 +327,42 @@ def cell(row: dict, key: str, fmt) -> str:
 
 
 def markdown(rows: dict, floor: dict) -> str:
-    head = ("row", *(header for header, _, _ in COLUMNS))
+    """The table; a column no row has a figure for (latency when skipped) is left out."""
+    columns = [c for c in COLUMNS if any(r.get(c[1]) is not None for r in rows.values())]
+    head = ("row", *(header for header, _, _ in columns))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
-        cells = [f"`{name}`", *(cell(r, key, fmt) for _, key, fmt in COLUMNS)]
+        cells = [f"`{name}`", *(cell(r, key, fmt) for _, key, fmt in columns)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Real renderings: Fréchet between two real sets {floor['frechet']:.0f} (the floor), "
               f"diversity {floor['diversity']:.2f}."]
     return "\n".join(lines)
 
 
-BEGIN, END = "<!-- results:begin (written by bench/results.py) -->", "<!-- results:end -->"
+def section_markers(split: str) -> tuple[str, str]:
+    """The markers around the generated table of an --eval-split in the published document."""
+    name = "results" if split == "train" else f"results-{split}"
+    return f"<!-- {name}:begin (written by bench/results.py) -->", f"<!-- {name}:end -->"
 
 
-def write_results_section(path: Path, body: str) -> None:
-    """Replace the generated section of RESULTS.md, keeping the prose around it."""
-    text = path.read_text() if path.exists() else f"# Results\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{path}: markers {BEGIN!r} / {END!r} missing; add them where the table goes")
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    path.write_text(f"{head}{BEGIN}\n{body}\n{END}{tail}")
+def write_results_section(path: Path, body: str, split: str = "train") -> None:
+    """Replace the generated section of RESULTS.md for `split`, keeping the prose around it."""
+    begin, end = section_markers(split)
+    text = path.read_text() if path.exists() else f"# Results\n\n{begin}\n{end}\n"
+    if begin not in text or end not in text:
+        raise SystemExit(f"{path}: markers {begin!r} / {end!r} missing; add them where the table goes")
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    path.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
+
+
+def write_record(path: Path, record: dict, split: str) -> None:
+    """The published JSON: the train split's record at the top level, another split's under its name;
+    writing one split keeps the other's."""
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    others = {key: earlier[key] for key in ("heldout",) if key in earlier}
+    merged = {**record, **others} if split == "train" else {**earlier, split: record}
+    path.write_text(json.dumps(merged, indent=2, default=str))
 
 
 def command_line(argv) -> str:
@@ -383,11 +398,13 @@ def main(argv=None) -> int:
         log("latency, every row in turn")
         add_latencies(args, rows, samplers, quality)
     floor = quality.real_floor()
-    # Only a run of every row replaces the published table; subsets write into --work.
-    publish = set(args.rows) == set(args.all_rows) and args.eval_split == "train"
-    out = Path(args.out) if publish else work / ("" if args.eval_split == "train" else args.eval_split) / "RESULTS.md"
+    # Only a run of every row replaces a published table (each split has its own section of
+    # --out); subsets write into --work.
+    split = args.eval_split
+    publish = set(args.rows) == set(args.all_rows)
+    out = Path(args.out) if publish else work / ("" if split == "train" else split) / "RESULTS.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    grid = out.with_name("results.png")
+    grid = out.with_name(out.stem.lower() + ("" if split == "train" else f"-{split}") + ".png")
     write_grid(samplers, quality, grid)
     table = markdown(rows, floor)
     print(table)
@@ -398,14 +415,14 @@ def main(argv=None) -> int:
             f"{args.num_pairs} pairs; {args.steps} steps of batch {args.batch_size} per student; "
             f"{args.eval_num} prompts and noises per row; torch {torch.__version__}, {args.threads} threads; "
             f"{seconds / 60:.0f} min in all).\n\n{table}\n\n![rows of the table, same prompts and noises]({grid.name})\n")
-    write_results_section(out, body)
+    write_results_section(out, body, split)
     # Paths relative to the repository, so the committed record names no machine's directories.
     recorded_args = {**vars(args), "out": str(Path(args.out).resolve().relative_to(ROOT))
                      if Path(args.out).resolve().is_relative_to(ROOT) else args.out}
     record = {"rows": rows, "floor": floor, "args": recorded_args, "date": time.strftime("%Y-%m-%d"),
               "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
               "torch": torch.__version__, "seconds": seconds}
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str))
+    write_record(out.with_suffix(".json"), record, split)
     log(f"wrote {out}, {grid} and {out.with_suffix('.json')}")
     if args.json:
         print(json.dumps(record, indent=2, default=str))

@@ -4,6 +4,7 @@ trained per seed, and how the table reports a seeded row against a single-seed o
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,23 @@ def test_a_seeded_row_reports_mean_and_sd_and_an_ablation_a_plain_figure(results
     d2g_line, ablation_line = (line for line in table.splitlines() if line.startswith("| `"))
     assert "92.0% ± 2.8%" in d2g_line and "| 200 | 190 |" in d2g_line
     assert "±" not in ablation_line and "80.0%" in ablation_line
+
+
+def test_each_split_has_its_own_section_and_record(results, tmp_path):
+    doc, record = tmp_path / "RESULTS.md", tmp_path / "RESULTS.json"
+    train_begin, train_end = results.section_markers("train")
+    heldout_begin, heldout_end = results.section_markers("heldout")
+    doc.write_text(f"prose\n{train_begin}\nold\n{train_end}\nmiddle\n{heldout_begin}\n{heldout_end}\nend\n")
+    results.write_results_section(doc, "train table", "train")
+    results.write_results_section(doc, "held-out table", "heldout")
+    assert doc.read_text() == (f"prose\n{train_begin}\ntrain table\n{train_end}\nmiddle\n{heldout_begin}\n"
+                               f"held-out table\n{heldout_end}\nend\n")
+    results.write_record(record, {"rows": {"d2g": 1}}, "heldout")
+    results.write_record(record, {"rows": {"d2g": 2}}, "train")
+    assert json.loads(record.read_text()) == {"rows": {"d2g": 2}, "heldout": {"rows": {"d2g": 1}}}
+    # A document without a split's markers is refused by name, not appended to.
+    bare = tmp_path / "OTHER.md"
+    bare.write_text("hand-written\n")
+    with pytest.raises(SystemExit, match="OTHER.md: markers"):
+        results.write_results_section(bare, "table", "heldout")
+    assert bare.read_text() == "hand-written\n"
