@@ -195,7 +195,17 @@ def train_student(args, work: Path, name: str, pairs: str, seed: int) -> tuple[s
     return str(model), {"objective": objective, "objective_config": objective_options,
                         "lr_g": config.lr_g, "lr_d": config.lr_d, "train_seconds": summary.get("seconds"),
                         "train_cpu_seconds": summary.get("cpu_seconds"),
-                        "steps": summary["steps"], "seed": seed}
+                        "steps": summary["steps"], "resumed_from": summary.get("resumed_from"), "seed": seed}
+
+
+def recorded_training(work: Path, run: str, steps: int) -> dict | None:
+    """The record of the training that made `run` (a seeded run name): re-running a finished run
+    resumes it as a no-op, whose own record says nothing about what the training cost."""
+    for cache in (work / "scores" / f"{run}.json", work / "scores" / "heldout" / f"{run}.json"):
+        training = json.loads(cache.read_text()).get("training", {}) if cache.exists() else {}
+        if training.get("steps") == steps and training.get("resumed_from") != steps:
+            return training
+    return None
 
 
 def sampler_for(name: str, teacher, work: Path, quality: ShapesQuality, folder: str | None = None):
@@ -236,10 +246,10 @@ def score_row(args, work: Path, name: str, teacher, quality: ShapesQuality, pair
     if name not in TEACHERS:
         trained = FEWER_STEPS[name][0] if name in FEWER_STEPS else name
         _, training = train_student(args, work, trained, pairs, seed)
-        earlier = json.loads(cache.read_text()).get("training", {}) if cache.exists() else {}
-        # A finished run resumes as a no-op: keep the record of the run that did the training.
-        row["training"] = earlier if earlier.get("steps") == training["steps"] else training
         student_folder = seeded(trained, seed, args)
+        if training["resumed_from"] == training["steps"]:  # add-1step's `add`, a held-out or --rescore run
+            training = recorded_training(work, student_folder, training["steps"]) or training
+        row["training"] = training
     sampler, _ = sampler_for(name, teacher, work, quality, student_folder)
     row.update(quality.score(sampler))
     log(f"{folder}: accuracy {row['accuracy']:.3f}  frechet {row['frechet']:.1f}  diversity "

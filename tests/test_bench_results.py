@@ -66,3 +66,16 @@ def test_each_split_has_its_own_section_and_record(results, tmp_path):
     with pytest.raises(SystemExit, match="OTHER.md: markers"):
         results.write_results_section(bare, "table", "heldout")
     assert bare.read_text() == "hand-written\n"
+
+
+def test_a_no_op_resume_reports_the_training_that_made_the_run(results, tmp_path):
+    """add-1step resumes the finished `add` run (a no-op) and a held-out run resumes every run: the
+    row's training time must be the one of the run's training, not of the no-op."""
+    trained = {"steps": 800, "resumed_from": None, "train_seconds": 343.0}
+    no_op = {"steps": 800, "resumed_from": 800, "train_seconds": 4e-5}
+    (tmp_path / "scores" / "heldout").mkdir(parents=True)
+    (tmp_path / "scores" / "heldout" / "add.json").write_text(json.dumps({"training": no_op}))
+    assert results.recorded_training(tmp_path, "add", 800) is None
+    (tmp_path / "scores" / "add.json").write_text(json.dumps({"training": trained}))
+    assert results.recorded_training(tmp_path, "add", 800) == trained
+    assert results.recorded_training(tmp_path, "add", 400) is None  # another budget's run
