@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -116,7 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="prompts scored: the train split the pairs came from, or the held-out attribute "
                          "combinations no pair contains (zero-shot); held-out scores and tables go to "
                          "--work/heldout/")
-    ap.add_argument("--latency-repeats", type=int, default=20, help="timed calls per row (0: skip latency)")
+    ap.add_argument("--latency-repeats", type=int, default=100,
+                    help="timed calls per row, spread over 5 round-robin rounds (0: skip latency)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (training and latency)")
     ap.add_argument("--rescore", action="store_true", help="recompute cached scores")
     ap.add_argument("--out", default=None, help="the published table, written when every row the teacher "
@@ -285,17 +287,29 @@ def over_seeds(runs: list[dict], seeds: list[int]) -> dict:
 
 
 def train_seconds(row: dict, key: str = "train_seconds") -> float | None:
-    """A row's training time averaged over its seeds: wall-clock, or `train_cpu_seconds`, the
-    training process's CPU time, which stays comparable when the machine was shared."""
+    """A row's training time, the median over its seeds (one run timed beside other work does not
+    move it): wall-clock, or `train_cpu_seconds`, the training process's CPU time, which stays
+    comparable when the machine was shared."""
     runs = row.get("per_seed") or [row]
     seconds = [run.get("training", {}).get(key) for run in runs]
-    return sum(seconds) / len(seconds) if all(seconds) else None
+    return statistics.median(seconds) if all(seconds) else None
+
+
+LATENCY_ROUNDS = 5
 
 
 def add_latencies(args, rows: dict, samplers: dict, quality: ShapesQuality) -> None:
-    """All rows timed one after the other in this process, so the ratios compare like with like."""
-    for name, (sampler, pipe) in samplers.items():
-        rows[name].update(measure_latency(name, sampler, pipe, quality, args.latency_repeats))
+    """All rows timed in this process, round-robin in LATENCY_ROUNDS rounds of --latency-repeats /
+    rounds calls, each figure the median of its rounds: a slow spell of a shared machine then lands
+    on one round of every row, not on all the calls of one row (identical networks measured 11.5 and
+    17.2 ms when each row was timed in one go)."""
+    per_round = max(1, args.latency_repeats // LATENCY_ROUNDS)
+    timings: dict[str, list[dict]] = {name: [] for name in samplers}
+    for _ in range(LATENCY_ROUNDS):
+        for name, (sampler, pipe) in samplers.items():
+            timings[name].append(measure_latency(name, sampler, pipe, quality, per_round))
+    for name, rounds in timings.items():
+        rows[name].update({key: statistics.median(r[key] for r in rounds) for key in rounds[0]})
     base = rows.get(TARGET_ROW)
     if base is None:
         return
@@ -398,8 +412,9 @@ def main(argv=None) -> int:
     for name in args.rows:
         seeds = row_seeds(args, name)
         rows[name] = over_seeds([score_row(args, work, name, teacher, quality, pairs, seed) for seed in seeds], seeds)
-        rows[name]["train_s"] = train_seconds(rows[name])
-        rows[name]["train_cpu_s"] = train_seconds(rows[name], "train_cpu_seconds")
+        if args.eval_split == "train":  # the same trainings as the train split's table: shown there
+            rows[name]["train_s"] = train_seconds(rows[name])
+            rows[name]["train_cpu_s"] = train_seconds(rows[name], "train_cpu_seconds")
     # Latency and the figure use the first seed's students (the networks are the same size).
     first = {name: None if name in TEACHERS else seeded(FEWER_STEPS.get(name, (name,))[0], args.seeds[0], args)
              for name in rows}

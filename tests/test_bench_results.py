@@ -35,16 +35,18 @@ def test_a_seeded_row_reports_mean_and_sd_and_an_ablation_a_plain_figure(results
         return {"accuracy": accuracy, "frechet": 300.0, "diversity": 1.0, "distance": 0.1,
                 "training": {"train_seconds": wall, "train_cpu_seconds": cpu}}
 
-    seeded = results.over_seeds([run(0.90, 100.0, 180.0), run(0.94, 300.0, 200.0)], [0, 1])
-    assert seeded["accuracy"] == pytest.approx(0.92) and seeded["accuracy_sd"] == pytest.approx(0.0283, abs=1e-4)
-    assert results.train_seconds(seeded) == 200.0 and results.train_seconds(seeded, "train_cpu_seconds") == 190.0
+    seeded = results.over_seeds([run(0.90, 100.0, 180.0), run(0.94, 300.0, 200.0), run(0.92, 2000.0, 190.0)],
+                                [0, 1, 2])
+    assert seeded["accuracy"] == pytest.approx(0.92) and seeded["accuracy_sd"] == pytest.approx(0.02)
+    # The median: the run timed on a busy machine (2000 s) does not move it.
+    assert results.train_seconds(seeded) == 300.0 and results.train_seconds(seeded, "train_cpu_seconds") == 190.0
     single = results.over_seeds([run(0.80, 50.0, None)], [0])
     assert "accuracy_sd" not in single and results.train_seconds(single, "train_cpu_seconds") is None
     for row in (seeded, single):
         row["train_s"], row["train_cpu_s"] = results.train_seconds(row), results.train_seconds(row, "train_cpu_seconds")
     table = results.markdown({"d2g": seeded, "d2g-no-z": single}, {"frechet": 150.0, "diversity": 2.0})
     d2g_line, ablation_line = (line for line in table.splitlines() if line.startswith("| `"))
-    assert "92.0% ± 2.8%" in d2g_line and "| 200 | 190 |" in d2g_line
+    assert "92.0% ± 2.0%" in d2g_line and "| 300 | 190 |" in d2g_line
     assert "±" not in ablation_line and "80.0%" in ablation_line
 
 
