@@ -1,6 +1,7 @@
 """The papers' comparisons in miniature, on an embedded shapes teacher -> docs/RESULTS.md.
 
-    .venv/bin/python bench/results.py                      # everything, then docs/RESULTS.md + docs/results.png
+    .venv/bin/python bench/results.py --seeds 0 1 2        # everything, then docs/RESULTS.md + docs/results.png
+    .venv/bin/python bench/results.py --seeds 0 1 2 --eval-split heldout --latency-repeats 0  # its held-out table
     .venv/bin/python bench/results.py --rows teacher-25 d2g --steps 200   # a subset, quickly
     .venv/bin/python bench/results.py --teacher shapes-sd3 --work bench-out/results-sd3  # the flow teacher
 
@@ -11,7 +12,7 @@
 3. Every row, teachers included, is scored by `distill.quality.ShapesQuality` on the same prompts
    and held-out noises: attribute accuracy, Fréchet distance, diversity, latent MSE to the 25-step
    teacher's target; then latency per image at batch 1 (prompt to latent, and with decoding) on
-   this CPU, all rows measured one after the other in this process.
+   this CPU, every row timed in this process, round-robin (LATENCY_ROUNDS).
 `--seeds 0 1 2` trains each headline student row (SEEDED_ROWS: the papers' comparisons) once per seed
 (on the same pairs, scored on the same sets) and reports each figure as mean ± sd; ablations are trained
 with the first seed only (their table cell has no ±). `add-1step` and `add-2step` score the 4-step `add` student at
