@@ -15,7 +15,7 @@
    this CPU, every row timed in this process, round-robin (LATENCY_ROUNDS).
 `--seeds 0 1 2` trains each headline student row (SEEDED_ROWS: the papers' comparisons) once per seed
 (on the same pairs, scored on the same sets) and reports each figure as mean ± sd; ablations are trained
-with the first seed only (their table cell has no ±). `add-1step` and `add-2step` score the 4-step `add` student at
+with the first seed only (their table cell has no ±). `--seeded-rows` chooses other rows to seed. `add-1step` and `add-2step` score the 4-step `add` student at
 fewer steps (no training of their own). Re-running reuses the pairs, finished trainings (the trainer
 resumes) and cached scores (`--work/scores/<row>[-seed<k>].json`); `--rescore` recomputes the scores.
 """
@@ -53,6 +53,8 @@ STUDENTS: dict[str, tuple[str, dict, str]] = {
     "d2g-no-z": ("d2g", {"d2g_z_conditioning": False}, "d2g without the noise z conditioning the discriminator"),
     "d2g-no-readout": ("d2g", {"d2g_readout_heads": False}, "d2g with one head on the output instead of readout heads"),
     "regression-pseudo-huber": ("regression", {"regression_loss": "pseudo_huber"}, "regression only, pseudo-Huber"),
+    "regression-pixel-lpips": ("regression", {"regression_loss": "pixel_lpips"},
+                               "regression only, pixel LPIPS: decode, then the shapes pixel VGG16-BN LPIPS"),
     "add": ("add", {}, "ADD: 4-step student, hinge GAN on frozen teacher features + score distillation"),
     "ladd": ("ladd", {}, "LADD: hinge GAN on frozen teacher features of re-noised latents, no score distillation"),
     "d2g-lora": ("d2g", {}, "d2g with student and discriminator as rank-8 LoRA adapters on one shared frozen UNet"),
@@ -113,6 +115,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="training seeds of the headline student rows (default: --seed); with two or more, "
                          "their figures are the mean ± sd over them (one pair dataset, one scoring set); "
                          "ablations use the first")
+    ap.add_argument("--seeded-rows", nargs="+", default=None, choices=list(STUDENTS), metavar="ROW",
+                    help="the student rows trained once per --seeds seed (default: the headline rows, "
+                         f"{', '.join(r for r in SEEDED_ROWS if r in STUDENTS)}); the others use the first "
+                         "seed. add-1step and add-2step follow add")
     ap.add_argument("--eval-num", type=int, default=1024, help="prompts/noises scored per row")
     ap.add_argument("--eval-split", default="train", choices=("train", "heldout"),
                     help="prompts scored: the train split the pairs came from, or the held-out attribute "
@@ -267,7 +273,9 @@ def row_seeds(args, name: str) -> list[int]:
     for a headline row, the first otherwise."""
     if name in TEACHERS:
         return [args.seed]
-    return args.seeds if name in SEEDED_ROWS else args.seeds[:1]
+    trained_as = FEWER_STEPS[name][0] if name in FEWER_STEPS else name
+    seeded_rows = SEEDED_ROWS if args.seeded_rows is None else args.seeded_rows
+    return args.seeds if trained_as in seeded_rows else args.seeds[:1]
 
 
 SEEDED_KEYS = ("accuracy", "frechet", "diversity", "distance")

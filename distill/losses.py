@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distill.objective_config import PACKAGED_LPIPS
+from distill.objective_config import PACKAGED_LPIPS, PACKAGED_PIXEL_LPIPS
 
 
 class MSELoss(nn.Module):
@@ -107,12 +107,20 @@ def _pixel_lpips(
     vgg_weights: str | os.PathLike | None = None,
     lpips_weights: str | os.PathLike | None = None,
     allow_random: bool = False,
+    weights: str | os.PathLike | None = None,
 ) -> nn.Module:
-    from distill.lpips.pixel import DecodedPixelLPIPS, PixelLPIPS
+    from distill.lpips.pixel import DecodedPixelLPIPS, PixelLPIPS, load_pixel_trunk_lpips
 
     if vae is None:
         raise ValueError("pixel_lpips needs vae= (an AutoencoderKL or a local path) to decode latents")
-    return FrozenPerceptualLoss(DecodedPixelLPIPS(vae, PixelLPIPS(vgg_weights, lpips_weights, allow_random)))
+    if weights is not None:
+        if vgg_weights is not None or lpips_weights is not None:
+            raise ValueError("pixel_lpips: give either weights= (a calibrated pixel-trunk file) or "
+                             "vgg_weights= and lpips_weights= (ImageNet VGG16 + LPIPS heads), not both")
+        net = load_pixel_trunk_lpips(PACKAGED_PIXEL_LPIPS.get(str(weights), Path(weights)))
+    else:
+        net = PixelLPIPS(vgg_weights, lpips_weights, allow_random)
+    return FrozenPerceptualLoss(DecodedPixelLPIPS(vae, net))
 
 
 REGRESSION_LOSSES: dict[str, Callable[..., nn.Module]] = {
@@ -129,7 +137,9 @@ def make_regression_loss(name: str, **kwargs) -> nn.Module:
 
     latent_lpips / e_latent_lpips: weights=<path or a PACKAGED_LPIPS name>, or allow_random=True; plus LatentLPIPS options
     (latent_channels, width, l1_weight, normalize, vae, and augment for the ensemble).
-    pixel_lpips: vae=<AutoencoderKL or path>, vgg_weights=, lpips_weights= (or allow_random=True).
+    pixel_lpips: vae=<AutoencoderKL or path> (the trainer passes the teacher's), and either
+    vgg_weights= + lpips_weights= (ImageNet VGG16 and LPIPS heads; or allow_random=True), or
+    weights=<a PACKAGED_PIXEL_LPIPS name ("shapes") or a calibrated pixel-trunk .safetensors>.
     pseudo_huber: c=<float> (default 0.00054*sqrt(C*H*W)).
     """
     if name not in REGRESSION_LOSSES:

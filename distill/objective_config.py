@@ -37,6 +37,12 @@ NFSD_NEGATIVE_PROMPT = ("unrealistic, blurry, low quality, out of focus, ugly, l
 # LatentLPIPS weights shipped with the package, by name: `weights="shapes"` is the one for the
 # embedded shapes teachers' VAE (trained by d2g/shapes/lpips_data.py's recipe, docs/RESULTS.md).
 PACKAGED_LPIPS = {"shapes": Path(__file__).parent / "lpips" / "weights" / "shapes.safetensors"}
+# Pixel LPIPS weights shipped with the package (`pixel_lpips` with `weights="shapes"`): a VGG16-BN trunk
+# over the shapes VAE's decoded images, trained and calibrated by the same recipe (docs/RESULTS.md), the
+# stand-in for ImageNet VGG16 + LPIPS heads, which this package cannot ship.
+PACKAGED_PIXEL_LPIPS = {"shapes": Path(__file__).parent / "lpips" / "weights" / "shapes-pixel.safetensors"}
+# A pixel metric judges decoded images, whatever the latent space: every shapes teacher can use it.
+PACKAGED_PIXEL_LPIPS_FOR_TEACHER = {"shapes": "shapes", "shapes-xl": "shapes", "shapes-sd3": "shapes"}
 # Teachers whose latent space has packaged LatentLPIPS weights (the shapes teachers share one VAE).
 PACKAGED_LPIPS_FOR_TEACHER = {"shapes": "shapes", "shapes-xl": "shapes"}
 LATENT_LPIPS_LOSSES = ("latent_lpips", "e_latent_lpips")

@@ -171,6 +171,8 @@ class Objective:
             if (self.flow_kind is not None and config.regression_loss in LATENT_LPIPS_LOSSES
                     and "vae" not in kwargs and "latent_channels" not in kwargs):
                 kwargs["vae"] = pipe.vae  # the 16-channel latent space (shift, scale) from the teacher's VAE config
+            if config.regression_loss == "pixel_lpips":
+                kwargs.setdefault("vae", pipe.vae)  # it decodes with the teacher's own VAE
             self.regression = make_regression_loss(config.regression_loss, **kwargs)
             self.regression.to(self.device)
         probs = torch.tensor(config.step_probs(), dtype=torch.float64)

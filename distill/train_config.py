@@ -23,6 +23,7 @@ from distill.objective_config import (
     OBJECTIVE_CONFIGS,
     PACKAGED_LPIPS,
     PACKAGED_LPIPS_FOR_TEACHER,
+    PACKAGED_PIXEL_LPIPS_FOR_TEACHER,
     LoRASettings,
     MemoryOptions,
     ObjectiveConfig,
@@ -215,11 +216,13 @@ class TrainConfig(BaseModel):
         teachers get the packaged ones; anyone else must name a file, which must exist, so a typo
         fails here, in one line, not in a Ray worker minutes later."""
         options = self.objective_config
-        if options.regression_weight == 0 or options.regression_loss not in LATENT_LPIPS_LOSSES:
+        if options.regression_weight == 0 or options.regression_loss not in (*LATENT_LPIPS_LOSSES, "pixel_lpips"):
             return self
         kwargs = options.regression_kwargs
         if kwargs.get("allow_random"):
             return self
+        if options.regression_loss == "pixel_lpips":
+            return self._pixel_lpips_weights(kwargs)
         weights = kwargs.get("weights")
         if weights is None:
             if self.teacher not in PACKAGED_LPIPS_FOR_TEACHER:
@@ -229,6 +232,18 @@ class TrainConfig(BaseModel):
                     "sdxl, sd3, flux) or one trained with `distill lpips`; e.g. --objective-config "
                     "'{regression_kwargs: {weights: /path/sd15_latest_vgg16_tuned.pth}}'")
             options.regression_kwargs = {**kwargs, "weights": PACKAGED_LPIPS_FOR_TEACHER[self.teacher]}
+        return self
+
+    def _pixel_lpips_weights(self, kwargs: dict) -> TrainConfig:
+        # The shapes world's pixel LPIPS ships; ImageNet VGG16 + LPIPS heads cannot.
+        if "weights" in kwargs or ("vgg_weights" in kwargs and "lpips_weights" in kwargs):
+            return self
+        if self.teacher not in PACKAGED_PIXEL_LPIPS_FOR_TEACHER:
+            raise ValueError(
+                "objective_config.regression_kwargs: pixel_lpips needs vgg_weights and lpips_weights (a torchvision "
+                "vgg16 state dict and LPIPS's vgg.pth, local files) or weights (a pixel-trunk LPIPS made with "
+                "`distill lpips train-trunk --pools-removed 0` and `calibrate`)")
+        self.objective_config.regression_kwargs = {**kwargs, "weights": PACKAGED_PIXEL_LPIPS_FOR_TEACHER[self.teacher]}
         return self
 
     def check_inputs(self) -> None:
@@ -248,11 +263,12 @@ class TrainConfig(BaseModel):
                                    "(make one with `pairgen run`)")
         if version is not None and version not in store.versions():
             raise TrainConfigError(f"--data {self.data}: no version v{version} (versions: {store.versions()})")
-        weights = self.objective_config.regression_kwargs.get("weights")
-        if (weights is not None and str(weights) not in PACKAGED_LPIPS and "://" not in str(weights)
-                and not os.path.isfile(str(weights))):
-            raise TrainConfigError(f"objective_config.regression_kwargs.weights: LatentLPIPS weights file {weights} "
-                                   "does not exist")
+        for key in ("weights", "vgg_weights", "lpips_weights"):
+            weights = self.objective_config.regression_kwargs.get(key)
+            if (weights is not None and str(weights) not in PACKAGED_LPIPS and "://" not in str(weights)
+                    and not os.path.isfile(str(weights))):
+                raise TrainConfigError(f"objective_config.regression_kwargs.{key}: LPIPS weights file {weights} "
+                                       "does not exist")
 
 
 def load_train_config(yaml_path: str | None = None, overrides: dict | None = None) -> TrainConfig:

@@ -28,6 +28,10 @@ def test_headline_rows_get_every_seed_ablations_the_first_teachers_none(results)
     assert results.row_seeds(args, "d2g-no-z") == [2]
     assert results.row_seeds(args, "teacher-25") == [args.seed]
     assert set(results.SEEDED_ROWS) <= set(results.ROWS)
+    # --seeded-rows picks other rows to seed; the fewer-step rows follow the student they sample.
+    args = results.parse_args(["--seeds", "0", "1", "--seeded-rows", "regression-mse", "add"])
+    assert results.row_seeds(args, "regression-mse") == results.row_seeds(args, "add-2step") == [0, 1]
+    assert results.row_seeds(args, "d2g") == [0]
 
 
 def test_a_seeded_row_reports_mean_and_sd_and_an_ablation_a_plain_figure(results):

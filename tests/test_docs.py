@@ -57,6 +57,7 @@ SUBSTITUTIONS: list[tuple[str, str]] = [
     (r"--n 500\b", "--n 8"),
     (r"--out d2g/shapes/weights", "--out ./shapes-weights"),
     (r"(?<![\w/.])d2g/shapes/weights/teacher", "{package}/shapes/weights/teacher"),
+    (r"(?<![\w/.])python bench/", "python {root}/bench/"),  # the scripts live in the checkout
     # jobs/*.yaml, copied into the commands' working folder with these same rules applied:
     (r"stabilityai/stable-diffusion-xl-base-1.0", "{sdxl}"),
     (r"num_pairs: \d+", "num_pairs: 16"),

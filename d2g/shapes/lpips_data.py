@@ -9,6 +9,11 @@ Two folders, in exactly the formats `distill/lpips/data.py` reads:
   "judge" [N], the input of ``distill lpips calibrate`` (the paper's BAPPS). ``ref`` is a clean world
   image's latent, ``p0``/``p1`` two distortions of it; the "human" is the shapes evaluator.
 
+With ``--space pixel`` both folders hold the VAE's *decodes* of the same latents instead ([3, 32, 32]
+images in [-1, 1], same judgements): the data of the shapes *pixel* LPIPS, a VGG16-BN trunk over
+decoded images that stands in for the ImageNet VGG16 LPIPS the `pixel_lpips` loss would otherwise need
+(``distill lpips train-trunk --pools-removed 0``; docs/RESULTS.md has the recipe).
+
 Latents follow the diffusion convention the teacher's UNet sees: the posterior mode, shifted and
 multiplied by ``vae.config.scaling_factor`` (no sampling, so a latent is a pure function of its image).
 Every item is a pure function of (seed, split, index); the output is byte-identical for the same
@@ -69,6 +74,8 @@ AMOUNTS: dict[str, tuple[float, float]] = {
 # so near ties still carry graded information (T=5 gives 0.91, T=20 0.77).
 DEFAULT_TEMPERATURE = 10.0  # in evaluator feature-distance units; see `judge_probability`
 META_KEY = "d2g_shapes_triplets"
+# What a folder holds: the latents, or the VAE's decodes of those same latents (for a pixel LPIPS).
+SPACES = ("latent", "pixel")
 # Third entry of the per-item seed sequence; d2g.shapes.world uses 0 and 1 for the same item.
 DISTORTION_STREAM = 2
 
@@ -110,6 +117,11 @@ def num_classes(label: str, split: str) -> int:
     return len({class_name(a, label) for a in world.combinations(split)})
 
 
+def _check_space(space: str) -> None:
+    if space not in SPACES:
+        raise ValueError(f"unknown --space {space!r}; choose one of {', '.join(SPACES)}")
+
+
 def _prepare_out(out: Path) -> None:
     # Refuse to mix with an earlier run: stale class folders or shards would silently join the data.
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -133,8 +145,11 @@ def build_labelled(
     batch_size: int = 256,
     vae=None,
     progress: bool = True,
+    space: str = "latent",
 ) -> dict:
-    """Encode world items 0..n-1 of (seed, split) into OUT/<class>/<index>.npy; returns a summary."""
+    """Encode world items 0..n-1 of (seed, split) into OUT/<class>/<index>.npy (their decodes with
+    space="pixel"); returns a summary."""
+    _check_space(space)
     if label not in LABELS:
         raise ValueError(f"unknown --label {label!r}; choose one of {', '.join(LABELS)}")
     if n < 1 or batch_size < 1:
@@ -147,7 +162,10 @@ def build_labelled(
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
         images, _, attrs = world.batch(seed, start, count, split)
-        latents = encode(vae, world.to_tensor(images)).numpy().astype(np.float32)
+        latents = encode(vae, world.to_tensor(images))
+        if space == "pixel":
+            latents = decode(vae, latents)
+        latents = latents.numpy().astype(np.float32)
         for offset, (latent, a) in enumerate(zip(latents, attrs, strict=True)):
             name = class_name(a, label)
             (out / name).mkdir(exist_ok=True)
@@ -166,6 +184,8 @@ def build_labelled(
         "possible_classes": num_classes(label, split),
         "min_per_class": min(counts.values()),
         "latent_shape": list(latent_shape(vae)),
+        "space": space,
+        "item_shape": list(latents.shape[1:]),
         "scaling_factor": shift_and_scale(vae)[1],
     }
     _manifest(out, summary)
@@ -290,8 +310,11 @@ class TripletBatch:
     kinds: list[tuple[str, str]]
 
 
-def make_triplet_batch(vae, evaluator, seed: int, start: int, count: int, split: str) -> TripletBatch:
-    """Triplets start..start+count-1: one VAE encode, one decode and one evaluator call for all."""
+def make_triplet_batch(
+    vae, evaluator, seed: int, start: int, count: int, split: str, space: str = "latent"
+) -> TripletBatch:
+    """Triplets start..start+count-1: one VAE encode, one decode and one evaluator call for all.
+    With space="pixel", ref/p0/p1 are the decodes the judge looked at instead of the latents."""
     split_id = world.SPLITS.index(split)
     refs, p0s, p1s, plans = [], [], [], []
     for index in range(start, start + count):
@@ -312,8 +335,11 @@ def make_triplet_batch(vae, evaluator, seed: int, start: int, count: int, split:
     # change the 8x8 latent cannot represent (fine noise) would otherwise count as a difference the
     # model can never see (an unlearnable target), latent-space kinds have no pixel image at all,
     # and decoding ref too cancels the VAE's own reconstruction error out of d0 and d1.
-    features = evaluator.features(decode(vae, torch.cat([ref, p0, p1])))
+    decoded = decode(vae, torch.cat([ref, p0, p1]))
+    features = evaluator.features(decoded)
     f_ref, f0, f1 = features.split(count)
+    if space == "pixel":
+        ref, p0, p1 = decoded.split(count)
     d0, d1 = (f0 - f_ref).norm(dim=1), (f1 - f_ref).norm(dim=1)
     kinds = [(a.kind, b.kind) for a, b in plans]
     return TripletBatch(ref, p0.float(), p1.float(), d0, d1, kinds)
@@ -348,8 +374,11 @@ def build_triplets(
     vae=None,
     evaluator=None,
     progress: bool = True,
+    space: str = "latent",
 ) -> dict:
-    """Write ceil(n / shard_size) shards of 2AFC triplets into OUT; returns a summary."""
+    """Write ceil(n / shard_size) shards of 2AFC triplets into OUT (the latents' decodes with
+    space="pixel"); returns a summary."""
+    _check_space(space)
     if n < 1 or shard_size < 1 or batch_size < 1:
         raise ValueError(
             f"--n, --shard-size and --batch-size must be >= 1, got {n}, {shard_size}, {batch_size}"
@@ -370,9 +399,9 @@ def build_triplets(
         parts = []
         for start in range(shard_start, shard_end, batch_size):
             count = min(batch_size, shard_end - start)
-            parts.append(make_triplet_batch(vae, evaluator, seed, start, count, split))
+            parts.append(make_triplet_batch(vae, evaluator, seed, start, count, split, space))
             bar.update(count)
-        info = {"seed": seed, "split": split, "start": shard_start, "temperature": temperature}
+        info = {"seed": seed, "split": split, "start": shard_start, "temperature": temperature, "space": space}
         judges.append(_save_shard(out / f"shard-{shard:05d}.safetensors", parts, info, temperature))
         gaps += [(p.d0 - p.d1).abs() for p in parts]
         for p in parts:
@@ -390,6 +419,7 @@ def build_triplets(
         "seed": seed,
         "split": split,
         "temperature": temperature,
+        "space": space,
         "judge_mean": round(float(judge.mean()), 4),
         "judge_decisive": round(float(((judge < 0.1) | (judge > 0.9)).float().mean()), 4),
         "median_distance_gap": round(float(gap.median()), 3),
@@ -407,7 +437,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m d2g.shapes.lpips_data",
         description="Build LatentLPIPS training data for the shapes teacher's latent space (4x8x8 "
         "diffusion latents): labelled latents for `distill lpips train-trunk` and 2AFC triplet shards "
-        "for `distill lpips calibrate`. Deterministic from --seed. Use different seeds for the two "
+        "for `distill lpips calibrate` (with --space pixel: the VAE's decodes of the same items, for a pixel "
+        "LPIPS trained with `train-trunk --pools-removed 0`). Deterministic from --seed. Use different seeds for the two "
         "modes (and for a held-out set) so that they do not share world images.",
     )
     sub = parser.add_subparsers(dest="mode", metavar="MODE", required=True)
@@ -427,6 +458,11 @@ def _parser() -> argparse.ArgumentParser:
             help="items per VAE/evaluator call (default %(default)s); part of what makes output byte-identical",
         )  # fmt: skip
         p.add_argument("--teacher", default=None, help="teacher pipeline folder (default: the packaged one)")
+        p.add_argument(
+            "--space", choices=SPACES, default="latent",
+            help="write the latents, or the VAE's decodes of the same latents ([3, 32, 32] in [-1, 1]) for a "
+            "pixel LPIPS (default %(default)s)",
+        )  # fmt: skip
         p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
         p.add_argument("--no-progress", action="store_true", help="no tqdm bar on stderr")
 
@@ -465,7 +501,7 @@ def _parser() -> argparse.ArgumentParser:
 def _describe(s: dict, seconds: float) -> str:
     if s["mode"] == "labelled":
         return (
-            f"wrote {s['n']} latents {s['latent_shape']} in {s['classes']}/{s['possible_classes']} "
+            f"wrote {s['n']} {'images' if s['space'] == 'pixel' else 'latents'} {s['item_shape']} in {s['classes']}/{s['possible_classes']} "
             f"'{s['label']}' classes to {s['out']} (seed {s['seed']}) in {seconds:.1f}s"
         )
     return (
@@ -484,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.mode == "labelled":
             summary = build_labelled(
                 args.out, args.n, args.seed, args.label, args.split, args.batch_size, vae,
-                progress=not args.no_progress,
+                progress=not args.no_progress, space=args.space,
             )  # fmt: skip
         else:
             from d2g.shapes.evaluator import DEFAULT_PATH, Evaluator
@@ -492,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             evaluator = Evaluator.load(args.evaluator or DEFAULT_PATH)
             summary = build_triplets(
                 args.out, args.n, args.shard_size, args.seed, args.temperature, args.split,
-                args.batch_size, vae, evaluator, progress=not args.no_progress,
+                args.batch_size, vae, evaluator, progress=not args.no_progress, space=args.space,
             )  # fmt: skip
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -113,18 +113,18 @@ def calibrate(cfg: CalibrateConfig) -> Path:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     out = Path(cfg.out)
     data = load_triplets(cfg.data)
-    channels, width = trunk_file_shape(cfg.trunk)
+    channels, width, pools_removed = trunk_file_shape(cfg.trunk)
     if data.ref.shape[1] != channels:
         raise ValueError(
             f"triplets in {cfg.data} have {data.ref.shape[1]} channels, the trunk {cfg.trunk} takes {channels}"
         )
     state = check_start(out, cfg.resume)
-    run_config = {**asdict(cfg), "latent_channels": channels, "width": width}
+    run_config = {**asdict(cfg), "latent_channels": channels, "width": width, "pools_removed": pools_removed}
     run_config.pop("resume")
     run_config.pop("out")
 
     torch.manual_seed(cfg.seed)  # the ranking network's initial weights are part of what --seed fixes
-    model = LatentLPIPS(channels, width, l1_weight=0.0, dropout=True)
+    model = LatentLPIPS(channels, width, l1_weight=0.0, dropout=True, pools_removed=pools_removed)
     load_trunk_into(cfg.trunk, model.trunk)
     model.trunk.eval().requires_grad_(False)
     rank = RankNet()

@@ -29,7 +29,7 @@ from torch import nn
 from store.atomic import write_local_file
 
 from .latent_lpips import ELatentLPIPS, LatentLPIPS
-from .trunk import LatentVGG16BN, slice_of
+from .trunk import NUM_POOLS_REMOVED, LatentVGG16BN, slice_of
 
 FORMAT_LPIPS = "d2g-latent-lpips/1"
 FORMAT_TRUNK = "d2g-latent-vgg16bn-trunk/1"
@@ -302,6 +302,7 @@ def save_lpips(model: LatentLPIPS, path: str | os.PathLike) -> None:
         "format": FORMAT_LPIPS,
         "latent_channels": str(model.latent_channels),
         "width": repr(model.width),
+        "pools_removed": str(model.pools_removed),
     }
     _save_safetensors(model.state_dict(), Path(path), metadata)
 
@@ -317,6 +318,7 @@ def save_trunk(trunk: LatentVGG16BN, path: str | os.PathLike) -> None:
         "format": FORMAT_TRUNK,
         "latent_channels": str(trunk.latent_channels),
         "width": repr(trunk.width),
+        "pools_removed": str(trunk.pools_removed),
     }
     _save_safetensors(trunk.state_dict(), Path(path), metadata)
 
@@ -348,12 +350,13 @@ def _our_kind(path: Path, meta: dict[str, str]) -> str:
     )
 
 
-def _meta_shape(path: Path, meta: dict[str, str]) -> tuple[int, float]:
+def _meta_shape(path: Path, meta: dict[str, str]) -> tuple[int, float, int]:
+    # Files written before pixel trunks existed have no "pools_removed": they are latent trunks.
     try:
-        return int(meta["latent_channels"]), float(meta["width"])
+        return int(meta["latent_channels"]), float(meta["width"]), int(meta.get("pools_removed", NUM_POOLS_REMOVED))
     except (KeyError, ValueError) as err:
         raise CheckpointError(
-            f"{path}: metadata lacks a valid 'latent_channels'/'width': {_one_line(err)}"
+            f"{path}: metadata lacks a valid 'latent_channels'/'width'/'pools_removed': {_one_line(err)}"
         ) from err
 
 
@@ -363,16 +366,18 @@ def load_lpips(path: str | os.PathLike, ensemble: bool = True, **kwargs) -> Late
     Args:
         path: our calibrated `.safetensors` (a trunk file is refused by name).
         ensemble: E-LatentLPIPS (True) or plain LatentLPIPS.
-        **kwargs: further options (l1_weight, normalize, vae, augment...); channels and width come
-            from the file.
+        **kwargs: further options (l1_weight, normalize, vae, augment...); channels, width and
+            pools_removed come from the file.
     """
     path = Path(path)
     meta = read_metadata(path)
     kind = _our_kind(path, meta)
     if kind != KIND_TUNED:
         raise _wrong_kind(path, kind, KIND_TUNED)
-    channels, width = _meta_shape(path, meta)
-    model = (ELatentLPIPS if ensemble else LatentLPIPS)(latent_channels=channels, width=width, **kwargs)
+    channels, width, pools_removed = _meta_shape(path, meta)
+    model = (ELatentLPIPS if ensemble else LatentLPIPS)(
+        latent_channels=channels, width=width, pools_removed=pools_removed, **kwargs
+    )
     _assign(model, load_file(str(path)), {}, path)
     return model.eval()
 
@@ -396,8 +401,8 @@ def load_trunk_into(path: str | os.PathLike, trunk: LatentVGG16BN) -> LatentVGG1
     return load_official_trunk(path, trunk)
 
 
-def trunk_file_shape(path: str | os.PathLike) -> tuple[int, float]:
-    """(latent_channels, width) of any trunk source accepted by `load_trunk_into`.
+def trunk_file_shape(path: str | os.PathLike) -> tuple[int, float, int]:
+    """(latent_channels, width, pools_removed) of any trunk source accepted by `load_trunk_into`.
 
     Args:
         path: the weights file.
@@ -411,4 +416,4 @@ def trunk_file_shape(path: str | os.PathLike) -> tuple[int, float]:
     weight = features.get("features.0.weight")
     if weight is None or weight.ndim != 4:
         raise CheckpointError(f"{path}: missing key(s) 'model.features.0.weight'")
-    return int(weight.shape[1]), 1.0
+    return int(weight.shape[1]), 1.0, NUM_POOLS_REMOVED

@@ -34,7 +34,8 @@ def _run_train_trunk(args: argparse.Namespace) -> int:
 
     cfg = TrunkTrainConfig(
         data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        momentum=args.momentum, weight_decay=args.weight_decay, width=args.width, seed=args.seed,
+        momentum=args.momentum, weight_decay=args.weight_decay, width=args.width,
+        pools_removed=args.pools_removed, seed=args.seed,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, resume=args.resume,
     )  # fmt: skip
     return _report(lambda: train_trunk(cfg))
@@ -85,6 +86,11 @@ def register(subparsers) -> None:
     trunk.add_argument(
         "--width", type=float, default=1.0, help="channel multiplier; 1.0 is the official architecture"
     )
+    trunk.add_argument(
+        "--pools-removed", type=int, default=3, choices=range(4), metavar="{0,1,2,3}",
+        help="first max-pools replaced by identities: 3 for latents (published, default); 0 for a pixel "
+        "trunk trained on images (DATA holding [3,H,W] images in [-1,1], H,W >= 32)",
+    )  # fmt: skip
     trunk.set_defaults(func=_run_train_trunk)
 
     cal = sub.add_parser(

@@ -34,7 +34,7 @@ from torch import nn
 from d2g.teacher.vae import shift_and_scale
 
 from .augment import DEFAULT_PRESET, LatentAugment
-from .trunk import LatentVGG16BN
+from .trunk import NUM_POOLS_REMOVED, LatentVGG16BN
 
 NORM_EPS = 1e-8
 
@@ -191,6 +191,8 @@ class LatentLPIPS(nn.Module):
         vae: the latent space (see `latent_space`: a published name, a VAE or its config);
             required when normalize=True, and checked against `latent_channels` when given.
         dropout: dropout in the heads (active only in train mode, i.e. during calibration).
+        pools_removed: the trunk's identity max-pools (`LatentVGG16BN`): 3 for latents, 0 for a
+            pixel trunk (then the inputs are images and this is a pixel LPIPS with a VGG16-BN trunk).
     Call `forward(x0, x1)` with [B, C, H, W] latents (H, W >= 4); returns the per-sample distance [B].
     """
 
@@ -202,6 +204,7 @@ class LatentLPIPS(nn.Module):
         normalize: bool = False,
         vae=None,
         dropout: bool = True,
+        pools_removed: int = NUM_POOLS_REMOVED,
     ) -> None:
         super().__init__()
         space = None if vae is None else latent_space(vae)
@@ -219,7 +222,8 @@ class LatentLPIPS(nn.Module):
         self.normalize = normalize
         self.latent_space = space
         self.vae = None if space is None else space.name
-        self.trunk = LatentVGG16BN(latent_channels, width)
+        self.pools_removed = pools_removed
+        self.trunk = LatentVGG16BN(latent_channels, width, pools_removed)
         self.lins = nn.ModuleList(LinearHead(c, dropout) for c in self.trunk.tap_channels)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:

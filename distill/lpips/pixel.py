@@ -131,6 +131,24 @@ class PixelLPIPS(nn.Module):
         return total
 
 
+def load_pixel_trunk_lpips(path: str | os.PathLike) -> nn.Module:
+    """A pixel LPIPS with a VGG16-BN trunk of our own (`distill lpips train-trunk --pools-removed 0`,
+    then `calibrate`; the packaged shapes one), in eval mode: images [B, 3, H, W] in [-1, 1] -> [B].
+
+    Args:
+        path: our calibrated `.safetensors`; refused by name if its trunk is a latent one.
+    """
+    from .checkpoints import load_lpips
+
+    model = load_lpips(path, ensemble=False, l1_weight=0.0)
+    if model.latent_channels != 3 or model.pools_removed != 0:
+        raise CheckpointError(
+            f"{path}: a latent LPIPS ({model.latent_channels} channels, {model.pools_removed} max-pools removed), "
+            "not a pixel one (3 channels, none removed); use it with latent_lpips / e_latent_lpips"
+        )
+    return model
+
+
 def load_vae(vae) -> nn.Module:
     """An AutoencoderKL: `vae` itself if a module, else loaded from a local VAE folder or a
     pipeline folder holding `vae/`.
@@ -157,10 +175,11 @@ class DecodedPixelLPIPS(nn.Module):
 
     Args:
         vae: an AutoencoderKL or a local path (see `load_vae`).
-        pixel_lpips: the pixel metric applied to the decoded images.
+        pixel_lpips: the pixel metric applied to the decoded images (`PixelLPIPS`, or the pixel-trunk
+            LPIPS of `load_pixel_trunk_lpips`).
     """
 
-    def __init__(self, vae, pixel_lpips: PixelLPIPS) -> None:
+    def __init__(self, vae, pixel_lpips: nn.Module) -> None:
         super().__init__()
         self.vae = load_vae(vae).eval().requires_grad_(False)
         self.lpips = pixel_lpips.eval().requires_grad_(False)

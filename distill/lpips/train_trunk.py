@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .checkpoints import save_trunk
 from .data import LabelledLatentFolder
 from .runstate import check_config, check_start, save_checkpoint, step_generator
-from .trunk import LatentClassifier
+from .trunk import NUM_POOLS_REMOVED, LatentClassifier
 
 TRUNK_FILE = "trunk.safetensors"
 
@@ -33,6 +33,8 @@ class TrunkTrainConfig:
         batch_size: latents per step.
         lr, momentum, weight_decay: SGD settings.
         width: trunk channel multiplier (1.0 is the official architecture).
+        pools_removed: identity max-pools of the trunk: 3 for latents (published), 0 for a pixel
+            trunk trained on images (the shapes pixel LPIPS).
         seed: fixes the initial weights and the batch order.
         checkpoint_every: steps between checkpoints.
         log_every: steps between JSON log lines.
@@ -47,6 +49,7 @@ class TrunkTrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     width: float = 1.0
+    pools_removed: int = NUM_POOLS_REMOVED
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 10
@@ -74,7 +77,7 @@ def train_trunk(cfg: TrunkTrainConfig) -> Path:
     run_config.pop("out")
 
     torch.manual_seed(cfg.seed)  # the initial weights are part of what --seed fixes
-    model = LatentClassifier(data.latent_shape[0], len(data.classes), cfg.width)
+    model = LatentClassifier(data.latent_shape[0], len(data.classes), cfg.width, cfg.pools_removed)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )

@@ -28,9 +28,19 @@ VGG16_CFG: tuple[int | str, ...] = (
 VGG16_BN_SLICES: tuple[tuple[int, int], ...] = ((0, 7), (7, 14), (14, 24), (24, 34), (34, 44))
 VGG16_BN_TAPS: tuple[int, ...] = tuple(end - 1 for _, end in VGG16_BN_SLICES)
 TAP_CHANNELS: tuple[int, ...] = (64, 128, 256, 512, 512)
-NUM_POOLS_REMOVED = 3
-# The two max-pools kept precede the 5th tap, which must keep at least one position.
-MIN_LATENT_SIZE = 2 ** (len(VGG16_BN_SLICES) - NUM_POOLS_REMOVED)
+NUM_POOLS_REMOVED = 3  # latents; a pixel trunk (pools_removed=0) keeps all five
+
+
+def min_input_size(pools_removed: int = NUM_POOLS_REMOVED) -> int:
+    """Smallest input side: the max-pools kept all precede the 5th tap, which must keep one position.
+
+    Args:
+        pools_removed: how many of the first max-pools are identities (3 for latents, 0 for pixels).
+    """
+    return 2 ** (len(VGG16_BN_SLICES) - pools_removed)
+
+
+MIN_LATENT_SIZE = min_input_size()
 
 
 def scaled_channels(channels: int, width: float) -> int:
@@ -95,21 +105,29 @@ class LatentVGG16BN(nn.Module):
     """VGG16-BN feature extractor over latents, returning the five LPIPS taps.
 
     Args:
-        latent_channels: channels of the latent (4 for SD1.5/2.x/SDXL, 16 for SD3/FLUX).
+        latent_channels: channels of the latent (4 for SD1.5/2.x/SDXL, 16 for SD3/FLUX; 3 for a
+            pixel trunk).
         width: channel multiplier; 1.0 is the official architecture (~14.7M parameters).
+        pools_removed: how many of the first max-pools are identities: 3 for latents (published),
+            0 for a pixel trunk (the plain VGG16-BN layout, a pixel LPIPS's trunk).
     Call with latents [B, latent_channels, H, W] (H, W >= 4); returns five tensors of sizes
-    (H, W), (H, W), (H, W), (H/2, W/2), (H/4, W/4) (floored) with `tap_channels` channels.
+    (H, W), (H, W), (H, W), (H/2, W/2), (H/4, W/4) (floored) with `tap_channels` channels
+    (with pools_removed=0: H/2 .. H/32, inputs at least 32x32).
     """
 
-    def __init__(self, latent_channels: int = 4, width: float = 1.0) -> None:
+    def __init__(self, latent_channels: int = 4, width: float = 1.0, pools_removed: int = NUM_POOLS_REMOVED) -> None:
         super().__init__()
         if latent_channels < 1:
             raise ValueError(f"latent_channels must be >= 1, got {latent_channels}")
         if width <= 0:
             raise ValueError(f"width must be > 0, got {width}")
+        if not 0 <= pools_removed <= NUM_POOLS_REMOVED:
+            raise ValueError(f"pools_removed must be in 0..{NUM_POOLS_REMOVED}, got {pools_removed}")
         self.latent_channels = latent_channels
         self.width = width
-        self.features = build_vgg16_bn_features(latent_channels, width)
+        self.pools_removed = pools_removed
+        self.min_size = min_input_size(pools_removed)
+        self.features = build_vgg16_bn_features(latent_channels, width, pools_removed)
         self.tap_channels = tuple(scaled_channels(c, width) for c in TAP_CHANNELS)
         _init_like_torchvision(self)
 
@@ -119,10 +137,10 @@ class LatentVGG16BN(nn.Module):
             raise ValueError(
                 f"expected latents of shape [B, {self.latent_channels}, H, W], got {tuple(x.shape)}"
             )
-        if min(x.shape[-2:]) < MIN_LATENT_SIZE:
+        if min(x.shape[-2:]) < self.min_size:
             raise ValueError(
-                f"latents must be at least {MIN_LATENT_SIZE}x{MIN_LATENT_SIZE} (two 2x2 max-pools precede "
-                f"the last tap), got {tuple(x.shape[-2:])}"
+                f"inputs must be at least {self.min_size}x{self.min_size} ({5 - self.pools_removed} 2x2 "
+                f"max-pools precede the last tap), got {tuple(x.shape[-2:])}"
             )
         taps: list[torch.Tensor] = []
         for index, layer in enumerate(self.features):
@@ -142,11 +160,14 @@ class LatentClassifier(nn.Module):
         latent_channels: channels of the latents to classify.
         num_classes: number of classes (logits returned per sample).
         width: trunk channel multiplier.
+        pools_removed: see `LatentVGG16BN` (0 for a pixel trunk).
     """
 
-    def __init__(self, latent_channels: int, num_classes: int, width: float = 1.0) -> None:
+    def __init__(
+        self, latent_channels: int, num_classes: int, width: float = 1.0, pools_removed: int = NUM_POOLS_REMOVED
+    ) -> None:
         super().__init__()
-        self.trunk = LatentVGG16BN(latent_channels, width)
+        self.trunk = LatentVGG16BN(latent_channels, width, pools_removed)
         self.classifier = nn.Linear(self.trunk.tap_channels[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

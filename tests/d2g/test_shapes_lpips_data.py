@@ -145,3 +145,75 @@ def test_a_tiny_shapes_latent_lpips_trains_calibrates_and_loads(labelled, triple
     assert distance.shape == (6,) and torch.isfinite(distance).all() and bool((distance >= 0).all())
     assert bool((distance > 0).all()), "distinct latents at distance zero"
     assert torch.equal(loss(data.ref[:6], data.ref[:6].clone()), torch.zeros(6))
+
+
+@pytest.fixture(scope="module")
+def pixel_data(tmp_path_factory, models) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("pixel")
+    vae, evaluator = models
+    lpips_data.build_labelled(
+        root / "labelled", N_LATENTS, seed=0, batch_size=32, vae=vae, progress=False, space="pixel"
+    )
+    lpips_data.build_triplets(
+        root / "triplets", N_TRIPLETS, shard_size=SHARD, seed=1, batch_size=16, vae=vae, evaluator=evaluator,
+        progress=False, space="pixel",
+    )  # fmt: skip
+    return root / "labelled", root / "triplets"
+
+
+def test_pixel_space_holds_the_decodes_of_the_same_latents_with_the_same_judgements(
+    pixel_data, labelled, triplets, models
+):
+    from d2g.teacher.vae import decode
+
+    vae = models[0]
+    pixel_labelled, pixel_triplets = pixel_data
+    images = LabelledLatentFolder(pixel_labelled)
+    assert images.classes == LabelledLatentFolder(labelled).classes and images.latent_shape == (3, 32, 32)
+    path = next((labelled / images.classes[0]).glob("*.npy"))
+    with torch.no_grad():
+        want = decode(vae, torch.from_numpy(np.load(path))[None])[0]
+    got = torch.from_numpy(np.load(pixel_labelled / images.classes[0] / path.name))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    pixels, latents = load_triplets(pixel_triplets), load_triplets(triplets)
+    assert tuple(pixels.ref.shape[1:]) == (3, 32, 32) and float(pixels.ref.abs().max()) <= 1
+    assert torch.equal(pixels.judge, latents.judge), "the pixel triplets must be the same judged triplets"
+    with torch.no_grad():
+        torch.testing.assert_close(pixels.p1[:4], decode(vae, latents.p1[:4]), atol=1e-5, rtol=1e-5)
+
+
+def test_a_tiny_shapes_pixel_lpips_trains_calibrates_and_drives_the_pixel_lpips_loss(pixel_data, models, tmp_path):
+    from distill.losses import make_regression_loss
+    from distill.lpips.calibrate import CalibrateConfig, calibrate
+    from distill.lpips.checkpoints import CheckpointError, trunk_file_shape
+    from distill.lpips.pixel import load_pixel_trunk_lpips
+    from distill.lpips.train_trunk import TrunkTrainConfig, train_trunk
+
+    pixel_labelled, pixel_triplets = pixel_data
+    trunk = train_trunk(TrunkTrainConfig(
+        data=str(pixel_labelled), out=str(tmp_path / "trunk"), steps=2, batch_size=8, width=0.125, pools_removed=0,
+    ))  # fmt: skip
+    assert trunk_file_shape(trunk) == (3, 0.125, 0)
+    lpips = calibrate(CalibrateConfig(
+        data=str(pixel_triplets), trunk=str(trunk), out=str(tmp_path / "cal"), steps=2, batch_size=8, lr=0.5,
+    ))  # fmt: skip
+    vae = models[0]
+    loss = make_regression_loss("pixel_lpips", vae=vae, weights=lpips)
+    assert loss.net.lpips.pools_removed == 0 and loss.net.lpips.l1_weight == 0
+    decodes = []
+    original = vae.decode
+    vae.decode = lambda *a, **k: decodes.append(a[0].shape[0]) or original(*a, **k)
+    try:
+        target = torch.randn(3, 4, 8, 8)
+        pred = (target + 0.5 * torch.randn(3, 4, 8, 8)).requires_grad_(True)
+        distance = loss(pred, target)
+        distance.sum().backward()
+        same = loss(target, target.clone())
+    finally:
+        vae.decode = original
+    assert decodes, "pixel LPIPS must decode the latents"
+    assert distance.shape == (3,) and bool((distance > 0).all()) and torch.equal(same, torch.zeros(3))
+    assert pred.grad is not None and float(pred.grad.abs().sum()) > 0, "no gradient reaches the student's latents"
+    # A latent LPIPS file is not a pixel one: refused by name, not run on images.
+    with pytest.raises(CheckpointError, match="not a pixel one"):
+        load_pixel_trunk_lpips(Path(__file__).parents[2] / "distill" / "lpips" / "weights" / "shapes.safetensors")

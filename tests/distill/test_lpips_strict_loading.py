@@ -52,7 +52,7 @@ def test_the_unmodified_official_files_load(tmp_path):
     load_official_tuned(tmp_path / "tuned.pth", LatentLPIPS(4))
     write_trunk_file(tmp_path / "trunk.pth.tar", official_features())
     load_official_trunk(tmp_path / "trunk.pth.tar", LatentVGG16BN(4))
-    assert trunk_file_shape(tmp_path / "trunk.pth.tar") == (4, 1.0)
+    assert trunk_file_shape(tmp_path / "trunk.pth.tar") == (4, 1.0, 3)
 
 
 @pytest.mark.parametrize("extra", ["foo.bar", "lin5.model.1.weight", "lins.5.model.1.weight", "net.slice1.0.extra",

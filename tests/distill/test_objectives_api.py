@@ -232,6 +232,22 @@ def test_training_steps_never_call_the_vae_decoder(name, sd15_teacher):
         pipe.vae.decode(torch.zeros(1, 4, 8, 8))
 
 
+def test_pixel_lpips_decodes_with_the_teachers_own_vae(sd15_teacher):
+    """The one regression loss that decodes: built without a vae= option, it uses the teacher's."""
+    pipe = _load(sd15_teacher)
+    calls = []
+    original = pipe.vae.decode
+    pipe.vae.decode = lambda *a, **k: calls.append(a[0].shape[0]) or original(*a, **k)
+    options = {"regression_loss": "pixel_lpips", "regression_kwargs": {"allow_random": True}}
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        obj = make_objective("regression", pipe, parse_objective_config("regression", options))
+    assert obj.regression.net.vae is pipe.vae
+    loss, _ = obj.generator_loss(_batch(), 0)
+    loss.backward()
+    assert calls and torch.isfinite(loss)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in obj.generator.parameters())
+
+
 def test_d2g_refuses_few_step_students_instead_of_leaking_the_target():
     """A few-step d2g would condition its discriminator on the re-noised real latent; refused by name."""
     from distill.train_config import TrainConfigError, load_train_config
