@@ -129,7 +129,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (training and latency)")
     ap.add_argument("--rescore", action="store_true", help="recompute cached scores")
     ap.add_argument("--out", default=None, help="the published table, written when every row the teacher "
-                    "supports ran (default: docs/RESULTS.md for shapes, docs/RESULTS-<teacher>.md for the others)")
+                    "supports ran, or when --out is given (default: docs/RESULTS.md for shapes, "
+                    "docs/RESULTS-<teacher>.md for the others; a subset without --out writes into --work)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON at the end")
     args = ap.parse_args(argv)
     supported = [row for row in ROWS if row not in UNSUPPORTED_ROWS.get(args.teacher, set())]
@@ -137,6 +138,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if refused:
         ap.error(f"--rows {' '.join(refused)}: not supported for --teacher {args.teacher}")
     args.all_rows, args.rows = supported, args.rows or supported
+    args.publish = args.out is not None or set(args.rows) == set(supported)
     args.seeds = list(dict.fromkeys(args.seeds or [args.seed]))
     default_out = "RESULTS.md" if args.teacher == "shapes" else f"RESULTS-{args.teacher}.md"
     args.out = args.out or str(ROOT / "docs" / default_out)
@@ -432,11 +434,10 @@ def main(argv=None) -> int:
         log("latency, every row in turn")
         add_latencies(args, rows, samplers, quality)
     floor = quality.real_floor()
-    # Only a run of every row replaces a published table (each split has its own section of
-    # --out); subsets write into --work.
+    # Only a run of every row, or one told where with --out, replaces a published table (each split
+    # has its own section); other subsets write into --work, so a quick check cannot overwrite it.
     split = args.eval_split
-    publish = set(args.rows) == set(args.all_rows)
-    out = Path(args.out) if publish else work / ("" if split == "train" else split) / "RESULTS.md"
+    out = Path(args.out) if args.publish else work / ("" if split == "train" else split) / "RESULTS.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     grid = out.with_name(out.stem.lower() + ("" if split == "train" else f"-{split}") + ".png")
     write_grid(samplers, quality, grid)

@@ -32,6 +32,9 @@ def test_headline_rows_get_every_seed_ablations_the_first_teachers_none(results)
     args = results.parse_args(["--seeds", "0", "1", "--seeded-rows", "regression-mse", "add"])
     assert results.row_seeds(args, "regression-mse") == results.row_seeds(args, "add-2step") == [0, 1]
     assert results.row_seeds(args, "d2g") == [0]
+    # A subset publishes only where --out says; a full run always does.
+    assert not results.parse_args(["--rows", "d2g"]).publish and results.parse_args([]).publish
+    assert results.parse_args(["--rows", "d2g", "--out", "docs/X.md"]).publish
 
 
 def test_a_seeded_row_reports_mean_and_sd_and_an_ablation_a_plain_figure(results):
